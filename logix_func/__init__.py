@@ -1,0 +1,6 @@
+"""logix_func: functional data attribution with torch.func."""
+
+from .grads import per_sample_grads
+
+__version__ = "0.1.0"
+__all__ = ["per_sample_grads"]

@@ -1,0 +1,69 @@
+"""Per-sample gradients through ``torch.func``: ``vmap(grad(loss of one sample))``, no hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from .batch import LossFn, ModelBatch, sample_loss, unsqueeze_sample
+from .checks import Randomness, check_modes, check_params, vmap_error
+
+
+def split_weights(
+    model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The model's parameters not in ``params`` (detached, held fixed) and its buffers."""
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+    bufs = dict(model.named_buffers()) if buffers is None else dict(buffers)
+    return fixed, bufs
+
+
+def per_sample_grads(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
+    chunk_size: int | None = None,
+    randomness: Randomness = "error",
+) -> dict[str, Float[Tensor, "batch *param_shape"]]:
+    """Gradient of each sample's loss with respect to ``params``.
+
+    Args:
+        model: any ``nn.Module``; it is called through ``functional_call`` and never changed.
+        params: ``{name: Tensor}``, a subset of ``model.named_parameters()``; the others stay
+            fixed at the model's values.
+        batch: ``(inputs, targets)`` or a dict with ``labels`` (see :mod:`logix_func.batch`).
+        loss_fn: ``loss_fn(outputs, targets)`` → scalar loss of one sample (batch of one);
+            ``None`` = summed cross-entropy (or the model's token loss for dict batches).
+        buffers: buffers to use instead of the model's own.
+        chunk_size: samples per vmap chunk; bounds peak memory at the cost of speed.
+        randomness: ``"error"`` (default) refuses active dropout, ``"different"`` draws an
+            independent mask per sample, ``"same"`` one mask for the batch.
+
+    Returns:
+        ``{name: [batch, *param.shape]}`` for every entry of ``params``.
+    """
+    check_params(model, params)
+    check_modes(model, randomness)
+    mb = ModelBatch.from_batch(batch)
+    fixed, bufs = split_weights(model, params, buffers)
+    loss_of = sample_loss(model, mb, loss_fn)
+
+    def one_loss(p: dict[str, Tensor], sample: dict[str, Any]) -> Tensor:
+        sample = unsqueeze_sample(sample)
+        return loss_of(mb.call(model, (p, fixed, bufs), sample), sample)
+
+    per_sample = torch.func.vmap(
+        torch.func.grad(one_loss), in_dims=(None, 0), chunk_size=chunk_size, randomness=randomness
+    )
+    detached = {n: p.detach() for n, p in params.items()}
+    try:
+        return per_sample(detached, mb.tensors)
+    except RuntimeError as err:
+        raise vmap_error(err) from err
