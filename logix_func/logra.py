@@ -186,8 +186,9 @@ class _Pass:
                 shapes[name].append(y.shape)
             layer = self.layers[name][0]
             p_out, p_in = self.mats[name]
-            u = input_tokens(layer, call, p_in, batch) @ zs[name].transpose(1, 2)
-            return y + expand_tokens(layer, u, p_out, y.shape)
+            return y + expand_tokens(
+                layer, _times(input_tokens(layer, call, p_in, batch), zs[name]), p_out, y.shape
+            )
 
         return tap
 
@@ -247,6 +248,17 @@ class _Pass:
             w = m.unsqueeze(-1).to(v.dtype)
             logs[name] = {"activations": v * w, "backprops": g * w, "mask": m}
         return grads, logs
+
+
+def _times(v: Tensor, z: Tensor) -> Tensor:
+    """``u_t = Z v_t`` for every token: ``[B, T, k_in]`` × ``[B, k_out, k_in]`` → ``[B, T, k_out]``.
+
+    One token per sample (plain ``[B, in]`` inputs) is a broadcast product, whose backward is an
+    outer product; batched matrix products of tiny matrices are slow on CPUs.
+    """
+    if v.shape[1] == 1:
+        return (z * v).sum(-1).unsqueeze(1)
+    return v @ z.transpose(1, 2)
 
 
 def _token_mask(tensors: dict[str, Any]) -> Tensor | None:
