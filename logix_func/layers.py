@@ -15,9 +15,8 @@ and ``δ_t`` is the gradient of the loss with respect to the layer's output at t
   ``padding_idx`` have no gradient and are left out.
 
 The functions below turn a call's input into projected input tokens ``P_in a_t``
-(``[B, T, k_in]``), an output gradient into projected backprops ``P_out δ_t`` (``[B, T, k_out]``),
-and ``expand_tokens`` is the adjoint of the latter (``[B, T, k_out]`` → output layout).
-A projector ``None`` stands for the identity.
+(``[B, T, k_in]``) and an output gradient into projected backprops ``P_out δ_t``
+(``[B, T, k_out]``), in the same token order. A projector ``None`` stands for the identity.
 """
 
 from __future__ import annotations
@@ -179,20 +178,6 @@ def backprop_tokens(layer: LayerSpec, grad: Tensor, p_out: Tensor | None, batch:
     d = grad.reshape(batch, g, c, -1)  # [B, g, C_out/g, positions]
     blocks = p_out.reshape(-1, g, c)  # [k_out, g, C_out/g]
     return torch.einsum("bgcp,kgc->bgpk", d, blocks).reshape(batch, -1, p_out.shape[0])
-
-
-def expand_tokens(
-    layer: LayerSpec, u: Tensor, p_out: Tensor | None, out_shape: torch.Size
-) -> Tensor:
-    """Adjoint of :func:`backprop_tokens`: ``[B, T, k_out]`` → a tensor shaped like the output."""
-    if layer.kind in ("linear", "embedding"):
-        return (u if p_out is None else u @ p_out).reshape(out_shape)
-    batch, g, c = out_shape[0], layer.groups, layer.out_features // layer.groups
-    if p_out is None:
-        p_out = torch.eye(layer.out_features, dtype=u.dtype, device=u.device)
-    blocks = p_out.reshape(-1, g, c)
-    u = u.reshape(batch, g, -1, p_out.shape[0])  # [B, g, positions, k_out]
-    return torch.einsum("bgpk,kgc->bgcp", u, blocks).reshape(out_shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,14 +4,15 @@ No per-sample gradient is ever formed, and the user's model is only *called*
 (``torch.func.functional_call``). While the model runs, a ``TorchFunctionMode`` that lives for
 that one call recognises the covered layers' ``F.linear`` / ``conv1d`` / ``conv2d`` /
 ``F.embedding`` calls by the identity of their weight tensor (the very tensors passed to
-``functional_call``) and adds a term that is zero in value:
+``functional_call``), records the call's projected input ``P_in a_t`` and adds a zero tensor
+``e`` to its output. The gradient of the summed loss with respect to ``e`` is the per-token
+``δ`` of each sample (samples do not interact in the batched pass), and
+``Σ_t (P_out δ_t)(P_in a_t)ᵀ`` is the projected gradient. Two engines differentiate the ``e``'s:
 
-* gradients only: ``P_outᵀ (Z_i · P_in a_t)`` with ``Z = 0`` of shape ``[B, k_out, k_in]``; the
-  gradient of the summed loss with respect to ``Z_i`` is ``Σ_t (P_out δ_t)(P_in a_t)ᵀ``, the
-  projected gradient of sample ``i`` (samples do not interact in the batched pass);
-* with logs: a zero tensor ``e`` shaped like the layer's output; its gradient is the per-token
-  ``δ``. The shapes of the ``e``'s come from a first forward pass (free under
-  ``torch.compile``, whose dead-code elimination drops it; one extra forward in eager mode).
+* plain eager mode: ``torch.autograd.grad``, the ``e``'s being leaves created as the forward
+  reaches each call (one forward, one backward without weight gradients);
+* under ``torch.compile`` or a ``torch.func`` transform: ``torch.func.grad`` of a function of the
+  ``e``'s, whose shapes come from a first forward pass (dead code once compiled).
 
 ``nn.MultiheadAttention`` runs its projections inside ``F.multi_head_attention_forward``, out of
 a handler's sight, so that call is computed by :func:`~logix_func.layers.mha_forward` instead.
@@ -38,7 +39,6 @@ from .layers import (
     LayerSpec,
     backprop_tokens,
     describe,
-    expand_tokens,
     input_tokens,
     mha_forward,
 )
@@ -93,15 +93,14 @@ def projected_grads(
     weights = (detached, fixed, buffers)
     layers = _covered_layers(model, spec, {**detached, **fixed})
     run = _Pass(model, mb, weights, spec, layers, sample_loss(model, mb, loss_fn))
-    one = run.logs if return_activations else run.grads
     if chunk_size is None:
-        return one(mb.tensors, mb.size)
+        return run(mb.tensors, mb.size, return_activations)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     parts = []
     for start in range(0, mb.size, chunk_size):
         rows = slice(start, min(start + chunk_size, mb.size))
-        parts.append(one(_rows(mb.tensors, rows), rows.stop - rows.start))
+        parts.append(run(_rows(mb.tensors, rows), rows.stop - rows.start, return_activations))
     return tree_map(lambda *xs: torch.cat(xs), *parts)
 
 
@@ -147,16 +146,11 @@ def _layout(layer: LayerSpec | None) -> str:
 
 
 class _Pass:
-    """One batched forward+backward of a (sub-)batch, in either of the two modes."""
+    """One batched forward+backward of a (sub-)batch: per-token ``δ`` of every covered call."""
 
     def __init__(self, model, mb, weights, spec, layers, loss_of):
-        self.model, self.mb, self.weights, self.layers, self.loss_of = (
-            model,
-            mb,
-            weights,
-            layers,
-            loss_of,
-        )
+        self.model, self.mb, self.weights = model, mb, weights
+        self.layers, self.loss_of = layers, loss_of
         self.mats = {
             name: tuple(spec.projector(name, side, w.device, w.dtype) for side in ("out", "in"))
             for name, (_, w) in layers.items()
@@ -178,64 +172,83 @@ class _Pass:
         in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, outputs)
         return torch.func.vmap(one, in_dims=(in_dims, 0))(outputs, tensors).sum()
 
-    def bottleneck_tap(self, zs: dict[str, Tensor], batch: int, shapes=None) -> Tap:
-        """Adds ``P_outᵀ (Z_i P_in a_t)`` (zero) to the output; records output shapes if asked."""
+    def input_tap(self, inputs: dict[str, list[Tensor]], batch: int, add: Tap) -> Tap:
+        """Records the call's projected inputs, then adds ``add(...)`` (a zero) to its output."""
 
         def tap(name: str, call: Call, y: Tensor) -> Tensor:
-            if shapes is not None:
-                shapes[name].append(y.shape)
-            layer = self.layers[name][0]
-            p_out, p_in = self.mats[name]
-            return y + expand_tokens(
-                layer, _times(input_tokens(layer, call, p_in, batch), zs[name]), p_out, y.shape
-            )
+            inputs[name].append(input_tokens(self.layers[name][0], call, self.mats[name][1], batch))
+            return y + add(name, call, y)
 
         return tap
 
-    def zeros(self, batch: int) -> dict[str, Tensor]:
-        return {
-            name: w.new_zeros(batch, layer.rank_out, layer.rank_in)
-            for name, (layer, w) in self.layers.items()
-        }
+    def deltas_autograd(self, tensors, batch) -> tuple[dict, dict]:
+        """Plain eager mode: zero leaves ``e`` created as the forward reaches each call."""
+        inputs = {name: [] for name in self.layers}
+        es: dict[str, list[Tensor]] = {name: [] for name in self.layers}
 
-    def grads(self, tensors: dict[str, Any], batch: int) -> Grads:
-        def total(zs: dict[str, Tensor]) -> Tensor:
-            return self.loss(self.forward(tensors, batch, self.bottleneck_tap(zs, batch)), tensors)
+        def zero_leaf(name: str, call: Call, y: Tensor) -> Tensor:
+            es[name].append(torch.zeros_like(y, requires_grad=True))
+            return es[name][-1]
 
-        return torch.func.grad(total)(self.zeros(batch))
+        with torch.enable_grad():
+            outputs = self.forward(tensors, batch, self.input_tap(inputs, batch, zero_leaf))
+            flat = [e for name in self.layers for e in es[name]]
+            grads = torch.autograd.grad(
+                self.loss(outputs, tensors), flat, allow_unused=True, materialize_grads=True
+            )
+        it = iter(grads)
+        return {name: [next(it) for _ in es[name]] for name in self.layers}, inputs
 
-    def logs(self, tensors: dict[str, Any], batch: int) -> tuple[Grads, Logs]:
-        # Output shapes first: the same forward as `grads` (so the model takes the same code
-        # paths), without its backward. Under torch.compile this pass is dead code.
+    def deltas_functional(self, tensors, batch) -> tuple[dict, dict]:
+        """Under torch.compile or a torch.func transform: ``torch.func.grad`` of the ``e``'s.
+
+        Their shapes come from a forward without backward in which the covered outputs depend
+        on a (zero) differentiated input, as in the real pass, so that the model takes the same
+        code paths; under torch.compile that pass is dead code and costs nothing.
+        """
         shapes: dict[str, list[torch.Size]] = {name: [] for name in self.layers}
-        torch.func.vjp(
-            lambda zs: self.forward(tensors, batch, self.bottleneck_tap(zs, batch, shapes)),
-            self.zeros(batch),
-        )
+
+        def shape_pass(zero: Tensor) -> Tensor:
+            def tap(name: str, call: Call, y: Tensor) -> Tensor:
+                shapes[name].append(y.shape)
+                return y + zero
+
+            self.forward(tensors, batch, tap)
+            return zero
+
+        torch.func.vjp(shape_pass, next(iter(self.layers.values()))[1].new_zeros(()))
         es = {
             name: tuple(w.new_zeros(s) for s in shapes[name])
             for name, (_, w) in self.layers.items()
         }
 
-        def total(es: dict[str, tuple[Tensor, ...]]) -> tuple[Tensor, dict[str, list[Tensor]]]:
+        def total(es: dict[str, tuple[Tensor, ...]]) -> tuple[Tensor, dict]:
             inputs: dict[str, list[Tensor]] = {name: [] for name in self.layers}
 
-            def tap(name: str, call: Call, y: Tensor) -> Tensor:
-                i = len(inputs[name])
+            def next_zero(name: str, call: Call, y: Tensor) -> Tensor:
+                i = len(inputs[name]) - 1
                 if i >= len(es[name]) or es[name][i].shape != y.shape:
                     raise RuntimeError(
                         f"layer {name!r}: call {i} has output shape {tuple(y.shape)}, which the "
                         "shape pass did not see; the model's forward must not depend on values"
                     )
-                layer = self.layers[name][0]
-                inputs[name].append(input_tokens(layer, call, self.mats[name][1], batch))
-                return y + es[name][i]
+                return es[name][i]
 
-            return self.loss(self.forward(tensors, batch, tap), tensors), inputs
+            outputs = self.forward(tensors, batch, self.input_tap(inputs, batch, next_zero))
+            return self.loss(outputs, tensors), inputs
 
         deltas, inputs = torch.func.grad(total, has_aux=True)(es)
+        return deltas, inputs
+
+    def __call__(self, tensors: dict[str, Any], batch: int, logs: bool) -> Any:
+        transformed = (
+            torch.compiler.is_compiling()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+        )
+        run = self.deltas_functional if transformed else self.deltas_autograd
+        deltas, inputs = run(tensors, batch)
         mask = _token_mask(tensors)
-        grads, logs = {}, {}
+        grads, records = {}, {}
         for name, (layer, _) in self.layers.items():
             p_out = self.mats[name][0]
             g = [backprop_tokens(layer, d, p_out, batch) for d in deltas[name]]
@@ -243,22 +256,15 @@ class _Pass:
             grads[name] = sum(
                 torch.einsum("btk,btj->bkj", gc, vc) for gc, vc in zip(g, v, strict=True)
             )
-            m = torch.cat([_call_mask(layer, mask, vc) for vc in v], dim=1)
-            g, v = torch.cat(g, dim=1), torch.cat(v, dim=1)
-            w = m.unsqueeze(-1).to(v.dtype)
-            logs[name] = {"activations": v * w, "backprops": g * w, "mask": m}
-        return grads, logs
-
-
-def _times(v: Tensor, z: Tensor) -> Tensor:
-    """``u_t = Z v_t`` for every token: ``[B, T, k_in]`` × ``[B, k_out, k_in]`` → ``[B, T, k_out]``.
-
-    One token per sample (plain ``[B, in]`` inputs) is a broadcast product, whose backward is an
-    outer product; batched matrix products of tiny matrices are slow on CPUs.
-    """
-    if v.shape[1] == 1:
-        return (z * v).sum(-1).unsqueeze(1)
-    return v @ z.transpose(1, 2)
+            if logs:
+                m = torch.cat([_call_mask(layer, mask, vc) for vc in v], dim=1)
+                w = m.unsqueeze(-1).to(v[0].dtype)
+                records[name] = {
+                    "activations": torch.cat(v, dim=1) * w,
+                    "backprops": torch.cat(g, dim=1) * w,
+                    "mask": m,
+                }
+        return (grads, records) if logs else grads
 
 
 def _token_mask(tensors: dict[str, Any]) -> Tensor | None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
 import logix_func as lf
 
@@ -253,12 +254,15 @@ def test_chunk_size_equals_unchunked_and_vmap_over_params():
     chunked = lf.projected_grads(model, params, batch, spec, return_activations=True, chunk_size=3)
     torch.testing.assert_close(chunked, whole)
 
+    # under vmap (here over two parameter sets) the torch.func engine runs
     stacked = {n: torch.stack([p, 2 * p]) for n, p in params.items()}
-    batched = torch.func.vmap(lambda p: lf.projected_grads(model, p, batch, spec))(stacked)
+    batched = torch.func.vmap(
+        lambda p: lf.projected_grads(model, p, batch, spec, return_activations=True)
+    )(stacked)
     for i, scale in enumerate((1, 2)):
-        one = lf.projected_grads(model, {n: scale * p for n, p in params.items()}, batch, spec)
-        for name in spec.layers:
-            torch.testing.assert_close(batched[name][i], one[name])
+        scaled = {n: scale * p for n, p in params.items()}
+        one = lf.projected_grads(model, scaled, batch, spec, return_activations=True)
+        torch.testing.assert_close(tree_map(lambda t, i=i: t[i], batched), one)
 
 
 def test_compiled_fullgraph_equals_eager():
