@@ -155,7 +155,7 @@ def input_tokens(layer: LayerSpec, call: Call, p_in: Tensor | None, batch: int) 
         return v + p_in[:, layer.in_features] if layer.bias is not None else v
     # convolutions: P_in applied to every patch is a convolution with P_in as kernel
     g = layer.groups
-    k_in = layer.in_size if p_in is None else p_in.shape[0]
+    k_in = layer.rank_in
     if p_in is None:
         p_in = torch.eye(layer.in_size, dtype=x.dtype, device=x.device)
     kernel = p_in[:, : layer.in_features].reshape((k_in, -1) + call.kernel)
@@ -177,7 +177,7 @@ def backprop_tokens(layer: LayerSpec, grad: Tensor, p_out: Tensor | None, batch:
         p_out = torch.eye(layer.out_features, dtype=grad.dtype, device=grad.device)
     d = grad.reshape(batch, g, c, -1)  # [B, g, C_out/g, positions]
     blocks = p_out.reshape(-1, g, c)  # [k_out, g, C_out/g]
-    return torch.einsum("bgcp,kgc->bgpk", d, blocks).reshape(batch, -1, p_out.shape[0])
+    return torch.einsum("bgcp,kgc->bgpk", d, blocks).reshape(batch, -1, layer.rank_out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,10 +151,12 @@ class _Pass:
     def __init__(self, model, mb, weights, spec, layers, loss_of):
         self.model, self.mb, self.weights = model, mb, weights
         self.layers, self.loss_of = layers, loss_of
-        self.mats = {
-            name: tuple(spec.projector(name, side, w.device, w.dtype) for side in ("out", "in"))
-            for name, (_, w) in layers.items()
-        }
+        groups: dict[tuple, list[str]] = {}
+        for name, (_, w) in layers.items():
+            groups.setdefault((w.device, w.dtype), []).append(name)
+        self.mats = {}
+        for (device, dtype), names in groups.items():
+            self.mats.update(spec.projectors(names, device, dtype))
 
     def forward(self, tensors: dict[str, Any], batch: int, tap: Tap) -> Any:
         mode = _Intercept(self.layers, batch, tap)

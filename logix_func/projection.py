@@ -7,8 +7,8 @@ splitmix64 stream, entry ``j`` of a matrix uses counters ``2j`` and ``2j + 1`` o
 (Gaussian) or the sign bit (Rademacher) turns them into values scaled by ``1/sqrt(k)``. The
 computation is integer arithmetic plus float64 NumPy on the CPU, then a single rounding to the
 requested dtype and a copy to the requested device, so every process, device and batch split sees
-the same bits. Under ``torch.compile`` the generator is an opaque custom op, so compiled code
-uses the very same matrices as eager code.
+the same bits. Under ``torch.compile`` the generator runs while the graph is traced and its result
+is a constant of the graph, so compiled code uses the very same matrices as eager code.
 
 With ``init="pca"`` the matrices are the top eigenvectors of given covariances instead; they are
 part of the spec (``spec.pca``) and serialised with it (base64 little-endian float64).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -62,15 +63,21 @@ class ProjectionSpec:
             )
         if not self.layers:
             raise ValueError("a projection spec needs at least one layer")
+        keys = {}
         for name, layer in self.layers.items():
             _check_layer(name, layer)
-            for side, basis in self.pca.get(name, {}).items():
+            for side in _SIDES:
                 rows, cols = _side_shape(layer, side)
-                if tuple(basis.shape) != (rows, cols):
+                keys[(name, side)] = json.dumps(
+                    [self.seed, name, side, rows, cols, self.distribution]
+                )
+                basis = self.pca.get(name, {}).get(side)
+                if basis is not None and tuple(basis.shape) != (rows, cols):
                     raise ValueError(
                         f"pca basis {name!r}/{side} has shape {tuple(basis.shape)}, "
                         f"expected {(rows, cols)}"
                     )
+        object.__setattr__(self, "_keys", keys)  # matrix keys for torch.compile (see projector)
 
     def matrices(
         self, layer: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -84,20 +91,40 @@ class ProjectionSpec:
         for side in _SIDES:
             p = self.projector(layer, side, device, dtype)
             size = _side_shape(self.layers[layer], side)[1]
-            out.append(torch.eye(size, dtype=dtype, device=device) if p is None else p)
+            out.append(torch.eye(size, dtype=dtype, device=device) if p is None else p.clone())
         return out[0], out[1]
 
     def projector(
         self, layer: str, side: str, device: torch.device, dtype: torch.dtype
     ) -> Tensor | None:
-        """One side's matrix, or None for the identity (rank equal to the side's size)."""
-        spec = self.layers[layer]
-        rows, cols = _side_shape(spec, side)
-        if rows == cols:
-            return None
-        if layer in self.pca:
-            return self.pca[layer][side].to(device=device, dtype=dtype)
-        return random_matrix(self.seed, layer, side, rows, cols, self.distribution, device, dtype)
+        """One side's matrix (read-only), or None for the identity (rank equal to its size)."""
+        return self.projectors([layer], device, dtype)[layer][0 if side == "out" else 1]
+
+    def projectors(
+        self, layers: list[str], device: torch.device, dtype: torch.dtype
+    ) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+        """``{layer: (P_out, P_in)}`` (read-only), None for identity sides.
+
+        Under ``torch.compile`` the random ones come from one call of the opaque operator
+        ``logix_func::random_matrices``.
+        """
+        shapes = {(n, side): _side_shape(self.layers[n], side) for n in layers for side in _SIDES}
+        random = [k for k, (rows, cols) in shapes.items() if rows < cols and k[0] not in self.pca]
+        if torch.compiler.is_compiling():
+            keys = "[" + ",".join(self._keys[k] for k in random) + "]"
+            made = torch.ops.logix_func.random_matrices(keys, device, dtype)
+        else:
+            made = [
+                random_matrix(
+                    self.seed, n, side, *shapes[(n, side)], self.distribution, device, dtype
+                )
+                for n, side in random
+            ]
+        matrices = dict(zip(random, made, strict=True))
+        for name in layers:
+            for side, basis in self.pca.get(name, {}).items():
+                matrices[(name, side)] = basis.to(device=device, dtype=dtype)
+        return {n: (matrices.get((n, "out")), matrices.get((n, "in"))) for n in layers}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form; :meth:`from_dict` inverts it exactly."""
@@ -227,7 +254,6 @@ def random_matrix_numpy(
     return (values / np.sqrt(rows)).reshape(rows, cols)
 
 
-@torch.library.custom_op("logix_func::random_matrix", mutates_args=())
 def random_matrix(
     seed: int,
     layer: str,
@@ -238,7 +264,7 @@ def random_matrix(
     device: torch.device,
     dtype: torch.dtype,
 ) -> Tensor:
-    """The seeded matrix of one side on ``device`` in ``dtype`` (see module docstring)."""
+    """The seeded matrix of one side on ``device`` in ``dtype`` (memoised: treat as read-only)."""
     key = (seed, layer, side, rows, cols, distribution, str(device), dtype)
     hit = _cache.get(key)
     if hit is None:
@@ -248,12 +274,28 @@ def random_matrix(
         while len(_cache) > 1 and sum(t.nbytes for t in _cache.values()) > _CACHE_BYTES:
             _cache.popitem(last=False)
     _cache.move_to_end(key)
-    return hit.clone()
+    return hit
 
 
-@random_matrix.register_fake
-def _(seed, layer, side, rows, cols, distribution, device, dtype):
-    return torch.empty(rows, cols, device=device, dtype=dtype)
+_LIB = torch.library.Library("logix_func", "DEF")
+_LIB.define("random_matrices(str keys, Device device, ScalarType dtype) -> Tensor[]")
+
+
+def _random_matrices(keys: str, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+    """Several :func:`random_matrix` at once; ``keys`` is the JSON list of their arguments.
+
+    This operator is what ``torch.compile``d code calls: opaque to the compiler, so compiled
+    code uses the very bits of eager code, and one call per pass whatever the number of layers.
+    """
+    return [random_matrix(*key, device, dtype).clone() for key in json.loads(keys)]
+
+
+def _random_matrices_shapes(keys: str, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+    return [torch.empty(k[3], k[4], device=device, dtype=dtype) for k in json.loads(keys)]
+
+
+_LIB.impl("random_matrices", _random_matrices, "CompositeExplicitAutograd")
+torch.library.register_fake("logix_func::random_matrices", _random_matrices_shapes, lib=_LIB)
 
 
 # ---------------------------------------------------------------------------------------------
