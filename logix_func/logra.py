@@ -184,12 +184,13 @@ class _Pass:
         return tap
 
     def deltas_autograd(self, tensors, batch) -> tuple[dict, dict]:
-        """Plain eager mode: zero leaves ``e`` created as the forward reaches each call."""
+        """Plain eager mode: zeros ``e`` created as the forward reaches each call."""
         inputs = {name: [] for name in self.layers}
         es: dict[str, list[Tensor]] = {name: [] for name in self.layers}
 
         def zero_leaf(name: str, call: Call, y: Tensor) -> Tensor:
-            es[name].append(torch.zeros_like(y, requires_grad=True))
+            # a broadcast view of a zero scalar: shaped like the output, no memory of its own
+            es[name].append(y.new_zeros((), requires_grad=True).expand(y.shape))
             return es[name][-1]
 
         with torch.enable_grad():
@@ -208,20 +209,20 @@ class _Pass:
         on a (zero) differentiated input, as in the real pass, so that the model takes the same
         code paths; under torch.compile that pass is dead code and costs nothing.
         """
-        shapes: dict[str, list[torch.Size]] = {name: [] for name in self.layers}
+        outs: dict[str, list[tuple]] = {name: [] for name in self.layers}
 
         def shape_pass(zero: Tensor) -> Tensor:
             def tap(name: str, call: Call, y: Tensor) -> Tensor:
-                shapes[name].append(y.shape)
+                outs[name].append((y.shape, y.dtype, y.device))
                 return y + zero
 
             self.forward(tensors, batch, tap)
             return zero
 
         torch.func.vjp(shape_pass, next(iter(self.layers.values()))[1].new_zeros(()))
-        es = {
-            name: tuple(w.new_zeros(s) for s in shapes[name])
-            for name, (_, w) in self.layers.items()
+        es = {  # broadcast views of zero scalars: no memory of their own
+            name: tuple(torch.zeros((), dtype=t, device=d).expand(s) for s, t, d in outs[name])
+            for name in self.layers
         }
 
         def total(es: dict[str, tuple[Tensor, ...]]) -> tuple[Tensor, dict]:
