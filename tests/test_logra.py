@@ -385,3 +385,18 @@ def test_unused_layer_and_batch_not_first_are_refused():
     batch = (torch.randn(3, 5, 4), torch.randint(0, 2, (3, 5)))
     with pytest.raises(ValueError, match="first dimension is not the batch"):
         lf.projected_grads(model, params_of(model), batch, lf.logra(model, rank=2))
+
+
+def test_pca_spec_projects_with_its_stored_bases():
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).eval()
+    batch = (torch.randn(4, 5), torch.randint(0, 3, (4,)))
+    g = torch.Generator().manual_seed(1)
+    covariances = {}
+    for name, (n_in, n_out) in {"0": (6, 6), "2": (7, 3)}.items():
+        a, s = torch.randn(n_in, n_in, generator=g), torch.randn(n_out, n_out, generator=g)
+        covariances[name] = {"A": a @ a.T, "S": s @ s.T}
+    spec = lf.logra(model, rank=2, init="pca", covariances=covariances)
+    got = lf.projected_grads(model, params_of(model), batch, spec)
+    expected = reference(model, batch, spec)
+    for name in spec.layers:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12)
