@@ -1,6 +1,6 @@
 """LoGra benchmark: projected_grads against a plain forward+backward and against LogIX.
 
-    python -m benchmarks.logra [--repeats 7] [--models mlp transformer]
+    python -m benchmarks.logra [--repeats 25] [--models mlp transformer]
 
 For an MLP 784-1024-1024-10 at batch 256 and a 2-layer causal transformer (d=256, 8 × 128
 tokens, F.scaled_dot_product_attention), one run prints side by side:
@@ -95,8 +95,8 @@ def logix_figures(name: str, repeats: int) -> dict | str:
     if not PEERS_PYTHON.exists():
         return (
             f"no {PEERS_PYTHON.relative_to(ROOT)} (python -m venv .venv-peers; "
-            ".venv-peers/bin/pip install torch==2.13.0; "
-            ".venv-peers/bin/pip install --ignore-requires-python logix-ai)"
+            ".venv-peers/bin/pip install torch==2.13.0 numpy==<this python's numpy>; "
+            ".venv-peers/bin/pip install --ignore-requires-python logix-ai numpy==<same>)"
         )
     script = Path(__file__).with_name("logra_logix.py")
     env = {**os.environ, **MALLOC_ENV}

@@ -132,10 +132,6 @@ def why_not_projectable(module: nn.Module) -> str:
 # token views
 
 
-def _conv_dims(layer: LayerSpec) -> int:
-    return 1 if layer.kind == "conv1d" else 2
-
-
 def input_tokens(layer: LayerSpec, call: Call, p_in: Tensor | None, batch: int) -> Tensor:
     """Projected inputs ``P_in a_t`` (bias column included): ``[B, T, k_in]``."""
     x = call.x.detach()

@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .layers import LayerSpec, projectable_layers, why_not_projectable
+from .layers import KINDS, LayerSpec, projectable_layers, why_not_projectable
 
 Distribution = Literal["gaussian", "rademacher"]
 Rank = int | tuple[int, int] | None
@@ -190,7 +190,7 @@ def _side_shape(layer: LayerSpec, side: str) -> tuple[int, int]:
 
 
 def _check_layer(name: str, layer: LayerSpec) -> None:
-    if layer.kind not in ("linear", "conv1d", "conv2d", "embedding"):
+    if layer.kind not in KINDS:
         raise ValueError(f"layer {name!r}: unknown kind {layer.kind!r}")
     for side in _SIDES:
         rank, size = _side_shape(layer, side)
