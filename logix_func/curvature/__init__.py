@@ -1,0 +1,24 @@
+"""Curvature estimators as pure init/update/finalize transforms, and preconditioners."""
+
+from .ekfac import ekfac
+from .fisher import fisher_logs, sample_targets
+from .kfac import kfac
+from .precondition import IdentityPreconditioner, Preconditioner, preconditioner
+from .raw import raw
+from .state import load_state, merge_states, save_state
+from .transform import Transform
+
+__all__ = [
+    "IdentityPreconditioner",
+    "Preconditioner",
+    "Transform",
+    "ekfac",
+    "fisher_logs",
+    "kfac",
+    "load_state",
+    "merge_states",
+    "preconditioner",
+    "raw",
+    "sample_targets",
+    "save_state",
+]
