@@ -31,7 +31,7 @@ def per_sample_grads(
     buffers: Mapping[str, Tensor] | None = None,
     chunk_size: int | None = None,
     randomness: Randomness = "error",
-) -> dict[str, Float[Tensor, "batch *param_shape"]]:
+) -> dict[str, Float[Tensor, batch *param_shape]]:
     """Gradient of each sample's loss with respect to ``params``.
 
     Args:

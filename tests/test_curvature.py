@@ -8,7 +8,6 @@ from torch import nn
 import logix_func as lf
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     torch.set_default_dtype(torch.float64)
@@ -110,9 +109,11 @@ def test_ekfac_is_at_least_as_close_as_kfac_on_an_mlp():
         shape = kf["layers"][name]["eigenvalues"].shape
         basis = torch.eye(block.shape[0]).reshape(-1, *shape)
 
-        def implied(factors, name=name, damping=damping, basis=basis):
-            pre = lf.preconditioner({"spec": factors["spec"], "layers": {
-                name: factors["layers"][name]}}, damping={name: damping})
+        def implied(factors, name=name, damping=damping, basis=basis, block=block):
+            pre = lf.preconditioner(
+                {"spec": factors["spec"], "layers": {name: factors["layers"][name]}},
+                damping={name: damping},
+            )
             return pre({name: basis})[name].reshape(block.shape[0], -1).T
 
         err_kfac = torch.linalg.norm(implied(kf) - dense_inv)
@@ -124,10 +125,12 @@ def test_empirical_and_true_fisher_match_their_definitions():
     model = nn.Linear(4, 3)
     x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
     logits = model(x)
-    delta = torch.stack([
-        torch.autograd.grad(F.cross_entropy(logits[i], y[i], reduction="sum"), logits)[0][i]
-        for i in range(len(x))
-    ])
+    delta = torch.stack(
+        [
+            torch.autograd.grad(F.cross_entropy(logits[i], y[i], reduction="sum"), logits)[0][i]
+            for i in range(len(x))
+        ]
+    )
     _, _, emp = fit(model, (x, y), "empirical")
     torch.testing.assert_close(emp["layers"][""]["S"], delta.T @ delta / len(x))
 
@@ -157,8 +160,9 @@ def test_chunked_and_merged_updates_equal_one_pass():
     merged = lf.merge_states(*parts)
     chained = k.init(spec)
     for xs, ys in zip(x.chunk(4), y.chunk(4)):
-        chained = k.update(chained, lf.fisher_logs(model, params, (xs, ys), spec,
-                                                   fisher="empirical")[1])
+        chained = k.update(
+            chained, lf.fisher_logs(model, params, (xs, ys), spec, fisher="empirical")[1]
+        )
     for name in one["layers"]:
         for key in ("A", "S", "tokens", "samples"):
             torch.testing.assert_close(merged["layers"][name][key], one["layers"][name][key])

@@ -25,8 +25,10 @@ def ekfac(kfac_factors: dict[str, Any]) -> Transform:
 
     def init(device: torch.device | str | None = None) -> dict[str, Any]:
         layers = {
-            name: {"squares": torch.zeros(qs.shape[0], qa.shape[0], dtype=qs.dtype, device=device),
-                   "samples": torch.zeros((), dtype=qs.dtype, device=device)}
+            name: {
+                "squares": torch.zeros(qs.shape[0], qa.shape[0], dtype=qs.dtype, device=device),
+                "samples": torch.zeros((), dtype=qs.dtype, device=device),
+            }
             for name, (qs, qa) in bases.items()
         }
         return {"spec": kfac_factors["spec"], "layers": layers}
@@ -55,8 +57,10 @@ def ekfac(kfac_factors: dict[str, Any]) -> Transform:
         for name, acc in state["layers"].items():
             if acc["samples"] == 0:
                 raise ValueError(f"layer {name!r}: no samples were accumulated")
-            layers[name] = {**kfac_factors["layers"][name],
-                            "eigenvalues": acc["squares"] / acc["samples"]}
+            layers[name] = {
+                **kfac_factors["layers"][name],
+                "eigenvalues": acc["squares"] / acc["samples"],
+            }
         return {"spec": state["spec"], "layers": layers}
 
     return Transform(init, update, finalize)

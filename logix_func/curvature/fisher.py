@@ -99,22 +99,29 @@ def fisher_logs(
         draws = [(batch, loss_fn)]
     elif fisher == "true":
         if loss_fn is not None:
-            raise ValueError("fisher='true' samples labels for the default losses only; "
-                             "pass fisher='empirical' with a custom loss_fn")
+            raise ValueError(
+                "fisher='true' samples labels for the default losses only; "
+                "pass fisher='empirical' with a custom loss_fn"
+            )
         draws = [(sample_targets(model, params, batch, seed=seed), None)]
     elif fisher == "exact":
         if loss_fn is not None or isinstance(batch, Mapping):
-            raise ValueError("fisher='exact' supports (inputs, targets) batches with the default "
-                             "loss; use fisher='true' for language models or custom losses")
+            raise ValueError(
+                "fisher='exact' supports (inputs, targets) batches with the default "
+                "loss; use fisher='true' for language models or custom losses"
+            )
         mb = ModelBatch.from_batch(batch)
         logits = _logits(model, params, mb)
-        draws = [((batch[0], v), _pseudo_loss)
-                 for v in _hessian_factors(logits, mb.tensors["targets"])]
+        draws = [
+            ((batch[0], v), _pseudo_loss) for v in _hessian_factors(logits, mb.tensors["targets"])
+        ]
     else:
         raise ValueError(f"fisher must be 'true', 'empirical' or 'exact', got {fisher!r}")
 
-    runs = [projected_grads(model, params, b, spec, loss_fn=fn, return_activations=True)
-            for b, fn in draws]
+    runs = [
+        projected_grads(model, params, b, spec, loss_fn=fn, return_activations=True)
+        for b, fn in draws
+    ]
     grads = {n: torch.stack([g[n] for g, _ in runs], dim=1) for n in runs[0][0]}
     logs = {
         n: {**log, "backprops": torch.stack([lg[n]["backprops"] for _, lg in runs], dim=1)}

@@ -45,8 +45,12 @@ def kfac(fisher: Fisher = "true", *, dtype: torch.dtype = torch.float32) -> Tran
             return torch.zeros(shape, dtype=dtype, device=device)
 
         layers = {
-            name: {"A": zeros(k_in, k_in), "S": zeros(k_out, k_out), "tokens": zeros(),
-                   "samples": zeros()}
+            name: {
+                "A": zeros(k_in, k_in),
+                "S": zeros(k_out, k_out),
+                "tokens": zeros(),
+                "samples": zeros(),
+            }
             for name, (k_out, k_in) in layer_dims(spec).items()
         }
         return {"spec": spec_tag(spec), "layers": layers}
@@ -61,7 +65,8 @@ def kfac(fisher: Fisher = "true", *, dtype: torch.dtype = torch.float32) -> Tran
             if acts.shape[-1] != k_in or backs.shape[-1] != k_out:
                 raise ValueError(
                     f"layer {name!r}: logs have activations [..., {acts.shape[-1]}] and backprops "
-                    f"[..., {backs.shape[-1]}], the state expects {k_in} and {k_out} (another spec?)"
+                    f"[..., {backs.shape[-1]}], the state expects "
+                    f"{k_in} and {k_out} (another spec?)"
                 )
             check_finite(acts, name, "activations")
             check_finite(backs, name, "backprops")
@@ -84,8 +89,13 @@ def kfac(fisher: Fisher = "true", *, dtype: torch.dtype = torch.float32) -> Tran
             s_cov = acc["S"] / acc["samples"]
             la, qa = eigh64(a_cov)
             ls, qs = eigh64(s_cov)
-            factors[name] = {"A": a_cov, "S": s_cov, "QA": qa, "QS": qs,
-                             "eigenvalues": torch.outer(ls, la)}
+            factors[name] = {
+                "A": a_cov,
+                "S": s_cov,
+                "QA": qa,
+                "QS": qs,
+                "eigenvalues": torch.outer(ls, la),
+            }
         return {"spec": state["spec"], "layers": factors}
 
     return Transform(init, update, finalize)

@@ -25,8 +25,10 @@ def raw(*, dtype: torch.dtype = torch.float32) -> Transform:
 
     def init(spec: Any, device: torch.device | str | None = None) -> dict[str, Any]:
         layers = {
-            name: {"C": torch.zeros(k_out * k_in, k_out * k_in, dtype=dtype, device=device),
-                   "samples": torch.zeros((), dtype=dtype, device=device)}
+            name: {
+                "C": torch.zeros(k_out * k_in, k_out * k_in, dtype=dtype, device=device),
+                "samples": torch.zeros((), dtype=dtype, device=device),
+            }
             for name, (k_out, k_in) in layer_dims(spec).items()
         }
         return {"spec": spec_tag(spec), "layers": layers}

@@ -18,9 +18,8 @@ def _check_same(a: Any, b: Any, path: str) -> None:
             raise ValueError(f"cannot merge curvature states: keys differ at {path or 'top level'}")
         for k in a:
             _check_same(a[k], b[k], f"{path}.{k}" if path else k)
-    elif isinstance(a, Tensor):
-        if not isinstance(b, Tensor) or a.shape != b.shape:
-            raise ValueError(f"cannot merge curvature states: {path} has different shapes")
+    elif isinstance(a, Tensor) and (not isinstance(b, Tensor) or a.shape != b.shape):
+        raise ValueError(f"cannot merge curvature states: {path} has different shapes")
 
 
 def merge_states(*states: State) -> State:

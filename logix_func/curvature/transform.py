@@ -42,7 +42,7 @@ def check_layers(expected: dict[str, Any], got: dict[str, Any], what: str) -> No
 
 
 def check_finite(x: Tensor, layer: str, what: str) -> None:
-    """Eagerly refuse NaN or inf values, naming the layer and the samples (skipped when compiled)."""
+    """Refuse NaN or inf values, naming the layer and the samples (skipped when compiled)."""
     if torch.compiler.is_compiling():
         return
     bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
