@@ -196,18 +196,19 @@ class RunningStat:
     def all_reduce(self, state: State | dict, group=None) -> State | dict:
         """The merged state of every process in ``group``, on every process.
 
-        Broadcasts the first rank's means as the common shift, all-reduces ``to_sums`` (one
-        flat tensor, one call) and returns ``from_sums``. The state's device must suit the
-        group's backend (a CPU-offloaded state needs a gloo group).
+        Two all-reduces of one flat tensor each: first ``n`` and ``n · mean`` give the common
+        shift (the overall mean, so ranks without data are harmless), then ``to_sums`` about
+        it; returns ``from_sums``. The state's device must suit the group's backend (a
+        CPU-offloaded state needs a gloo group).
         """
         import torch.distributed as dist
 
         leaves = _leaves(state)
-        src = 0 if group is None else dist.get_global_rank(group, 0)
-        shifts = _unflatten(
-            _flat_op([s["mean"] for s in leaves], dist.broadcast, src=src, group=group),
-            [s["mean"] for s in leaves],
-        )
+        totals = [t for s in leaves for t in (s["n"], s["n"] * s["mean"])]
+        totals = iter(_unflatten(_flat_op(totals, dist.all_reduce, group=group), totals))
+        shifts = []
+        for n, n_mean in zip(totals, totals, strict=True):
+            shifts.append(n_mean / torch.where(n > 0, n, torch.ones_like(n)))
         sums = [self.to_sums(s, h) for s, h in zip(leaves, shifts, strict=True)]
         flat = [t for s in sums for t in s.values()]
         reduced = iter(_unflatten(_flat_op(flat, dist.all_reduce, group=group), flat))
