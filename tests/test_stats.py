@@ -173,20 +173,22 @@ def test_cuda_inputs_cpu_state():
 
 
 def test_update_compiles_fullgraph():
+    """Dict logs with a token mask, two batch sizes (the second compiles a dynamic batch)."""
     stat = lf.running_covariance()
-    logs = {"a": torch.randn(8, 5, 3), "b": torch.randn(8, 5, 2) + 1e3}
-    mask = torch.rand(8, 5) > 0.3
+    batches = [
+        ({"a": torch.randn(n, 5, 3), "b": torch.randn(n, 5, 2) + 1e3}, torch.rand(n, 5) > 0.3)
+        for n in (8, 8, 3)
+    ]
     state = stat.init({"a": (3,), "b": (2,)})
     compiled = torch.compile(stat.update, fullgraph=True)
     got, want = state, state
-    for _ in range(2):
+    for logs, mask in batches:
         got, want = compiled(got, logs, mask), stat.update(want, logs, mask)
-    for k in logs:
+    for k in ("a", "b"):
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
+        rows = torch.cat([logs[k][mask] for logs, mask in batches]).numpy()
         np.testing.assert_allclose(
-            stat.finalize(got)[k].numpy(),
-            reference("covariance", torch.cat([logs[k][mask]] * 2).numpy()),
-            rtol=1e-6,
+            stat.finalize(got)[k].numpy(), reference("covariance", rows), rtol=1e-6
         )
 
 
