@@ -14,15 +14,23 @@ from .curvature import (
     save_state,
 )
 from .grads import per_sample_grads
+from .ids import DuplicateIdError, IndexedDataset, check_unique, content_ids, index_ids, string_ids
 from .influence import TopK, influence, influence_chunks, self_influence, top_k
+from .stats import RunningStat, running_covariance, running_mean, running_variance
 
 __version__ = "0.1.0"
 __all__ = [
+    "DuplicateIdError",
     "IdentityPreconditioner",
+    "IndexedDataset",
     "Preconditioner",
+    "RunningStat",
     "TopK",
+    "check_unique",
+    "content_ids",
     "ekfac",
     "fisher_logs",
+    "index_ids",
     "influence",
     "influence_chunks",
     "kfac",
@@ -31,8 +39,12 @@ __all__ = [
     "per_sample_grads",
     "preconditioner",
     "raw",
+    "running_covariance",
+    "running_mean",
+    "running_variance",
     "sample_targets",
     "save_state",
     "self_influence",
+    "string_ids",
     "top_k",
 ]
