@@ -28,7 +28,7 @@ def spec_tag(spec: Any) -> Tensor:
 
 def layer_dims(spec: Any) -> dict[str, tuple[int, int]]:
     """``{layer: (k_out, k_in)}``: the shape of each layer's projected gradient."""
-    return {name: (layer.k_out, layer.k_in) for name, layer in spec.layers.items()}
+    return {name: (layer.rank_out, layer.rank_in) for name, layer in spec.layers.items()}
 
 
 def check_layers(expected: dict[str, Any], got: dict[str, Any], what: str) -> None:
