@@ -49,7 +49,7 @@ def dense_ggn_blocks(model, x, targets):
 def fit(model, batch, fisher, *, chunks=1, transform=None):
     params = dict(model.named_parameters())
     spec = lf.logra(model, rank=None)
-    k = transform or lf.kfac(fisher)
+    k = transform or lf.kfac(fisher, dtype=torch.float64)
     state = k.init(spec)
     xs, ys = batch[0].chunk(chunks), batch[1].chunk(chunks)
     for i, (xc, yc) in enumerate(zip(xs, ys)):
@@ -95,6 +95,9 @@ def test_kfac_is_exact_where_theory_says_so(make_model):
 
 
 def test_ekfac_is_at_least_as_close_as_kfac_on_an_mlp():
+    """EKFAC is the best diagonal in KFAC's eigenbasis, so it is closer to the dense GGN block;
+    its damped inverse is also closer on the training gradients (the directions influence uses).
+    """
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
     x, y = torch.randn(64, 6), torch.randint(0, 5, (64,))
     params = dict(model.named_parameters())
@@ -102,23 +105,31 @@ def test_ekfac_is_at_least_as_close_as_kfac_on_an_mlp():
     ek = lf.ekfac(kf)
     grads, _ = lf.fisher_logs(model, params, (x, y), spec, fisher="exact")
     ek_factors = ek.finalize(ek.update(ek.init(), grads))
-    blocks = dense_ggn_blocks(model, x, y)
-    for name, block in blocks.items():
+    train_grads = lf.projected_grads(model, params, (x, y), spec)
+    for name, block in dense_ggn_blocks(model, x, y).items():
+        d = block.shape[0]
         damping = 0.1 * torch.linalg.eigvalsh(block).mean().item()
-        dense_inv = torch.linalg.inv(block + damping * torch.eye(block.shape[0]))
-        shape = kf["layers"][name]["eigenvalues"].shape
-        basis = torch.eye(block.shape[0]).reshape(-1, *shape)
+        dense_inv = torch.linalg.inv(block + damping * torch.eye(d))
+        g = train_grads[name].reshape(len(x), -1).T  # [d, N]
 
-        def implied(factors, name=name, damping=damping, basis=basis, block=block):
-            pre = lf.preconditioner(
-                {"spec": factors["spec"], "layers": {name: factors["layers"][name]}},
-                damping={name: damping},
-            )
-            return pre({name: basis})[name].reshape(block.shape[0], -1).T
+        def curvature(factors, name=name):
+            f = factors["layers"][name]
+            q = torch.kron(f["QS"], f["QA"])
+            return q @ torch.diag(f["eigenvalues"].reshape(-1)) @ q.T
 
-        err_kfac = torch.linalg.norm(implied(kf) - dense_inv)
-        err_ekfac = torch.linalg.norm(implied(ek_factors) - dense_inv)
-        assert err_ekfac <= err_kfac * (1 + 1e-9), (name, err_ekfac, err_kfac)
+        def inverse_on_grads(factors, name=name, damping=damping, g=g):
+            layer = {"spec": factors["spec"], "layers": {name: factors["layers"][name]}}
+            pre = lf.preconditioner(layer, damping={name: damping})
+            shape = factors["layers"][name]["eigenvalues"].shape
+            return pre({name: g.T.reshape(-1, *shape)})[name].reshape(g.shape[1], -1).T
+
+        def dist(a, b):
+            return torch.linalg.norm(a - b).item()
+
+        assert dist(curvature(ek_factors), block) < dist(curvature(kf), block)
+        assert dist(inverse_on_grads(ek_factors), dense_inv @ g) < dist(
+            inverse_on_grads(kf), dense_inv @ g
+        )
 
 
 def test_empirical_and_true_fisher_match_their_definitions():
@@ -150,7 +161,7 @@ def test_chunked_and_merged_updates_equal_one_pass():
     x, y = torch.randn(24, 5), torch.randint(0, 3, (24,))
     params = dict(model.named_parameters())
     spec = lf.logra(model, rank=3, seed=1)
-    k = lf.kfac("empirical")
+    k = lf.kfac("empirical", dtype=torch.float64)
     _, logs = lf.fisher_logs(model, params, (x, y), spec, fisher="empirical")
     one = k.update(k.init(spec), logs)
     parts = []
@@ -203,7 +214,7 @@ def test_raw_covariance_and_its_preconditioner_match_dense_algebra():
     params = dict(model.named_parameters())
     spec = lf.logra(model, rank=2, seed=3)
     grads = lf.projected_grads(model, params, (x, y), spec)
-    r = lf.raw()
+    r = lf.raw(dtype=torch.float64)
     factors = r.finalize(r.update(r.init(spec), grads))
     queries = random_grads(model)
     queries = {n: q[:, :2, :2] for n, q in queries.items()}
