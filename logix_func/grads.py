@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from .batch import Batch, LossFn, ModelBatch, sample_loss, unsqueeze_sample
 from .checks import (
@@ -53,7 +54,8 @@ def per_sample_grads(
         loss_fn: ``loss_fn(outputs, targets)`` → scalar loss of one sample (batch of one);
             ``None`` = summed cross-entropy (or the model's token loss for dict batches).
         buffers: buffers to use instead of the model's own (names from ``named_buffers``).
-        chunk_size: samples per vmap chunk; bounds peak activation memory at the cost of speed.
+        chunk_size: samples per vmap call; bounds peak memory to the output plus one chunk's
+            activations and gradients, at some cost in speed.
         randomness: ``"error"`` (default) refuses active dropout, ``"different"`` draws an
             independent mask per sample, ``"same"`` one mask for the batch.
 
@@ -73,10 +75,28 @@ def per_sample_grads(
         return loss_of(mb.call(model, (p, fixed, bufs), sample), sample)
 
     per_sample = torch.func.vmap(
-        torch.func.grad(one_loss), in_dims=(None, 0), chunk_size=chunk_size, randomness=randomness
+        torch.func.grad(one_loss), in_dims=(None, 0), randomness=randomness
     )
     detached = {n: p.detach() for n, p in params.items()}
     try:
-        return per_sample(detached, mb.tensors)
+        if chunk_size is None or chunk_size >= mb.size:
+            return per_sample(detached, mb.tensors)
+        return _in_chunks(lambda part: per_sample(detached, part), mb.tensors, mb.size, chunk_size)
     except RuntimeError as err:
         raise vmap_error(err) from err
+
+
+def _in_chunks(fn: Any, tensors: dict[str, Any], size: int, chunk_size: int) -> Grads:
+    """``fn`` over consecutive chunks of the batch, written into one preallocated output.
+
+    Peak memory: the output plus one chunk's activations and gradients (``vmap(chunk_size=)``
+    keeps every chunk's gradients and concatenates them, twice the output).
+    """
+    out: Grads = {}
+    for start in range(0, size, chunk_size):
+        part = tree_map(lambda t, s=start: t[s : s + chunk_size], tensors)
+        for name, g in fn(part).items():
+            if name not in out:
+                out[name] = g.new_empty((size, *g.shape[1:]))
+            out[name][start : start + chunk_size] = g
+    return out

@@ -444,6 +444,17 @@ def test_chunk_size_bounds_peak_memory():
     assert peaks[1] < result + 16 * one_sample_activation
 
 
+def test_chunks_are_written_into_one_output():
+    # the gradients dominate here: peak = the output plus one chunk's share, not twice the output
+    model = nn.Sequential(nn.Linear(32, 256), nn.Tanh(), nn.Linear(256, 8))
+    x, y = torch.randn(32, 32), torch.randint(0, 8, (32,))
+    with LiveBytes() as tracker:
+        grads = per_sample_grads(model, all_params(model), (x, y), chunk_size=4)
+    result = sum(g.numel() * g.element_size() for g in grads.values())
+    assert tracker.peak < 1.3 * result
+    assert_grads_equal(grads, per_sample_grads(model, all_params(model), (x, y)))
+
+
 # ---------------------------------------------------------------- annotations
 
 
