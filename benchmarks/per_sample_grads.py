@@ -7,7 +7,9 @@
 Every figure is the median of ``--repeats`` timed runs after one warm-up run (compilation is
 part of the warm-up, never of the timing); the methods take turns, round after round. Column
 "x fwd+bwd" is time / the plain forward+backward of the same batch (summed loss, one
-``.backward()``); "loop / it" is the Python loop's time / this method's (its speed-up).
+``.backward()``); "loop / it" is the Python loop's time / this method's (its speed-up). The
+loop writes each sample's gradients into a preallocated ``[batch, *shape]`` output, the same
+result per_sample_grads returns; the row "gradients discarded" shows what storing them costs.
 """
 
 from __future__ import annotations
@@ -73,13 +75,19 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args) -> dict[st
         model.zero_grad(set_to_none=True)
         summed_ce(model(x), y).backward()
 
-    def loop():
+    def loop(keep: bool = True):
+        out = {k: torch.empty(n, *p.shape) for k, p in params.items()} if keep else {}
         for i in range(n):
-            torch.autograd.grad(summed_ce(model(x[i : i + 1]), y[i : i + 1]), list(params.values()))
+            loss = summed_ce(model(x[i : i + 1]), y[i : i + 1])
+            for k, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
+                if keep:
+                    out[k][i] = g
+        return out
 
     fns = {
         "forward+backward (summed loss)": forward_backward,
         "loop of autograd.grad": loop,
+        "  loop, gradients discarded": lambda: loop(keep=False),
         "per_sample_grads eager": lambda: per_sample_grads(model, params, (x, y)),
         f"  eager, chunk_size={chunk}": lambda: per_sample_grads(
             model, params, (x, y), chunk_size=chunk
