@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     scores = query_g @ train_g.T
     for q, row in enumerate(scores):
         top = row.topk(5)
-        pairs = ", ".join(f"{i}:{v:.3g}" for i, v in zip(top.indices.tolist(), top.values.tolist()))
+        pairs = ", ".join(f"{i}:{v:.3g}" for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True))
         print(f"test {1500 + q} (label {test_y[q].item()}): top proponents {pairs}")
 
 
