@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     scores = query_g @ train_g.T
     for q, row in enumerate(scores):
         top = row.topk(5)
-        pairs = ", ".join(f"{i}:{v:.3g}" for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True))
+        best = zip(top.indices.tolist(), top.values.tolist(), strict=True)
+        pairs = ", ".join(f"{i}:{v:.3g}" for i, v in best)
         print(f"test {1500 + q} (label {test_y[q].item()}): top proponents {pairs}")
 
 
