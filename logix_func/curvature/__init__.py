@@ -1,6 +1,7 @@
 """Curvature estimators as pure init/update/finalize transforms, and preconditioners."""
 
 from .ekfac import ekfac
+from .exact import exact_curvature
 from .fisher import fisher_logs, sample_targets
 from .kfac import kfac
 from .precondition import IdentityPreconditioner, Preconditioner, preconditioner
@@ -13,6 +14,7 @@ __all__ = [
     "Preconditioner",
     "Transform",
     "ekfac",
+    "exact_curvature",
     "fisher_logs",
     "kfac",
     "load_state",

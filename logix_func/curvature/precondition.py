@@ -35,10 +35,18 @@ class Preconditioner:
                 raise ValueError(f"damping must be ≥ 0, got {damping}")
             self.damping = {n: float(damping) for n in self.layers}
         for name, value in self.damping.items():
-            if value <= 0 and bool((self.layers[name]["eigenvalues"] <= 0).any()):
+            lowest = float(self.layers[name]["eigenvalues"].min())
+            if lowest + value > 0:
+                continue
+            if lowest < 0:
                 raise ValueError(
-                    f"layer {name!r} has zero eigenvalues: damping must be > 0 to invert it"
+                    f"layer {name!r} has a negative eigenvalue {lowest:.3g} (an indefinite "
+                    f"Hessian): damping must exceed {-lowest:.3g} for C + λI to be positive "
+                    f"definite, got {value:.3g}"
                 )
+            raise ValueError(
+                f"layer {name!r} has zero eigenvalues: damping must be > 0 to invert it"
+            )
 
     def __call__(self, grads: Grads) -> Grads:
         check_layers(self.layers, grads, "gradient layers")
