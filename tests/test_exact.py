@@ -27,10 +27,6 @@ def softmax_curvature(logits):
     return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
 
 
-def blocks(factors):
-    return {name: f["C"] for name, f in factors["layers"].items()}
-
-
 # -------------------------------------------------------------------------------------------
 # models with their hand-written forward passes
 
@@ -133,6 +129,20 @@ def test_projected_block_is_p_h_pt(kind):
         if kind == "ggn":
             expected = proj @ full["layers"][layer]["C"] @ proj.T
         torch.testing.assert_close(got["layers"][layer]["C"], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_ggn_equals_the_exact_fisher_of_projected_gradients():
+    # for cross-entropy, E[Σ_c g_c g_cᵀ] over the label factors of diag(p) - p pᵀ is the GGN:
+    # ties exact_curvature's layout to projected_grads' one, projections included
+    model, params, x, y = mlp_data()
+    spec = lf.logra(model, rank=(2, 3), seed=5)
+    grads, _ = lf.fisher_logs(model, params, (x, y), spec, fisher="exact")
+    raw = lf.raw(dtype=DT)
+    fisher = raw.finalize(raw.update(raw.init(spec), grads))
+    got = lf.exact_curvature(model, params, (x, y), spec, kind="ggn")
+    assert got["spec"] == fisher["spec"]
+    for layer in ("0", "2"):
+        torch.testing.assert_close(got["layers"][layer]["C"], fisher["layers"][layer]["C"])
 
 
 def test_influence_with_l2_damping_is_the_dense_newton_product():
