@@ -16,6 +16,9 @@ from .curvature import (
 from .grads import per_sample_grads
 from .ids import DuplicateIdError, IndexedDataset, check_unique, content_ids, index_ids, string_ids
 from .influence import TopK, influence, influence_chunks, self_influence, top_k
+from .layers import LayerSpec
+from .logra import projected_grads  # the module first: the name `logra` is the function
+from .projection import ProjectionSpec, logra
 from .stats import RunningStat, running_covariance, running_mean, running_variance
 
 __version__ = "0.1.0"
@@ -23,7 +26,9 @@ __all__ = [
     "DuplicateIdError",
     "IdentityPreconditioner",
     "IndexedDataset",
+    "LayerSpec",
     "Preconditioner",
+    "ProjectionSpec",
     "RunningStat",
     "TopK",
     "check_unique",
@@ -35,9 +40,11 @@ __all__ = [
     "influence_chunks",
     "kfac",
     "load_state",
+    "logra",
     "merge_states",
     "per_sample_grads",
     "preconditioner",
+    "projected_grads",
     "raw",
     "running_covariance",
     "running_mean",
