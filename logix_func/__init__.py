@@ -16,6 +16,7 @@ from .curvature import (
 from .grads import per_sample_grads
 from .ids import DuplicateIdError, IndexedDataset, check_unique, content_ids, index_ids, string_ids
 from .influence import TopK, influence, influence_chunks, self_influence, top_k
+from .metrics import lds, loo_correlation, pearson, spearman
 from .stats import RunningStat, running_covariance, running_mean, running_variance
 
 __version__ = "0.1.0"
@@ -34,8 +35,11 @@ __all__ = [
     "influence",
     "influence_chunks",
     "kfac",
+    "lds",
     "load_state",
+    "loo_correlation",
     "merge_states",
+    "pearson",
     "per_sample_grads",
     "preconditioner",
     "raw",
@@ -45,6 +49,7 @@ __all__ = [
     "sample_targets",
     "save_state",
     "self_influence",
+    "spearman",
     "string_ids",
     "top_k",
 ]
