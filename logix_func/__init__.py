@@ -18,6 +18,7 @@ from .ids import DuplicateIdError, IndexedDataset, check_unique, content_ids, in
 from .influence import TopK, influence, influence_chunks, self_influence, top_k
 from .layers import LayerSpec
 from .logra import projected_grads  # the module first: the name `logra` is the function
+from .metrics import lds, loo_correlation, pearson, spearman
 from .projection import ProjectionSpec, logra
 from .stats import RunningStat, running_covariance, running_mean, running_variance
 
@@ -39,8 +40,11 @@ __all__ = [
     "influence",
     "influence_chunks",
     "kfac",
+    "lds",
     "load_state",
     "logra",
+    "loo_correlation",
+    "pearson",
     "merge_states",
     "per_sample_grads",
     "preconditioner",
@@ -52,6 +56,7 @@ __all__ = [
     "sample_targets",
     "save_state",
     "self_influence",
+    "spearman",
     "string_ids",
     "top_k",
 ]
