@@ -47,11 +47,16 @@ def kvstore_spec(url: str) -> dict:
 
 
 def _context(durable: bool) -> ts.Context:
-    """A context sharing ``memory://`` stores across opens in this process."""
+    """A context sharing ``memory://`` stores across opens in this process.
+
+    Local files are read through mmap (chunk files are replaced, never changed in place) and
+    fsync'ed before a write counts as done when ``durable``.
+    """
     global _shared_context
     if _shared_context is None:
         _shared_context = ts.Context()
-    return ts.Context({"file_io_sync": durable}, parent=_shared_context)
+    spec = {"file_io_sync": durable, "file_io_mode": {"mode": "memmap"}}
+    return ts.Context(spec, parent=_shared_context)
 
 
 def marker_key(writer: int) -> str:
@@ -121,6 +126,7 @@ def array_metadata(row_size: int, data_type: str, chunk_rows: int, codec: str, i
     return {
         "shape": [CAPACITY, row_size],
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, row_size]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
         "data_type": data_type,
         "codecs": codecs(codec, itemsize),
         "fill_value": 0,

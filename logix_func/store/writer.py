@@ -52,7 +52,8 @@ class ShardWriter:
             if self.fill:
                 part = wait(array[self.start : self.committed].read(), "reading the last chunk")
                 self.buffers[key][: self.fill] = part
-        self.inflight: deque[tuple[int, list]] = deque()
+        self.inflight: deque[tuple[int, list]] = deque()  # (rows once landed, write futures)
+        self.landed = self.committed  # rows durable in the arrays
 
     def pending(self) -> bool:
         """Whether appended rows await a commit."""
@@ -61,7 +62,7 @@ class ShardWriter:
     def _new_buffers(self) -> dict[str, np.ndarray]:
         rows = self.schema.chunk_rows
         return {
-            k: np.zeros((rows, a.shape[1]), a.dtype.numpy_dtype) for k, a in self.arrays.items()
+            k: np.empty((rows, a.shape[1]), a.dtype.numpy_dtype) for k, a in self.arrays.items()
         }
 
     def append(self, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
@@ -75,40 +76,55 @@ class ShardWriter:
             self.fill += take
             done += take
             if self.fill == chunk:
-                self._submit()
+                self._submit(handover=True)
                 self.start, self.fill = self.start + chunk, 0
                 self.buffers = self._new_buffers()
         self._drain(self.max_inflight)
 
     def flush(self) -> None:
         """Write the partial chunk, wait for every write, and commit all appended rows."""
-        if self.fill:
-            self._submit()
+        if self.fill and self.start + self.fill > self.landed:
+            for buffer in self.buffers.values():
+                buffer[self.fill :] = 0
+            self._submit(handover=False)
         self._drain(0)
         self._check_marker()
+        self._commit()
+        self._check_marker()
 
-    def _submit(self) -> None:
-        """Start writing the current chunk (always whole: rows past ``fill`` are uncommitted)."""
+    def _submit(self, handover: bool) -> None:
+        """Start writing the current chunk, always whole (rows past ``fill`` are uncommitted).
+
+        A full chunk's buffers are handed over to tensorstore (no copy, never touched again);
+        a partial chunk is copied, as its buffers keep filling.
+        """
         end = self.start + self.schema.chunk_rows
         futures = [
-            a[self.start : end].write(self.buffers[k]).commit for k, a in self.arrays.items()
+            a[self.start : end]
+            .write(self.buffers[k], can_reference_source_data_indefinitely=handover)
+            .commit
+            for k, a in self.arrays.items()
         ]
         self.inflight.append((self.start + self.fill, futures))
 
     def _drain(self, limit: int) -> None:
         """Wait until at most ``limit`` chunks are in flight; commit what has landed."""
-        landed = None
         while self.inflight and (
             len(self.inflight) > limit or all(f.done() for f in self.inflight[0][1])
         ):
             end, futures = self.inflight.popleft()
             for future in futures:
                 wait(future, f"writing rows of {self.root.url}")
-            landed = end
-        if landed is not None:
+            self.landed = end
+        if self.marker is None or self.marker.done():  # else commit later: never block on it
             self._check_marker()
-            self.marker = self._write_marker(landed)
-            self.committed = landed
+            self._commit()
+
+    def _commit(self) -> None:
+        """Start moving the commit marker to the rows that have landed."""
+        if self.landed > self.committed:
+            self.marker = self._write_marker(self.landed)
+            self.committed = self.landed
 
     def _write_marker(self, rows: int):
         return self.root.write_json(self.key, {"rows": rows, "owner": self.owner}, self.generation)
