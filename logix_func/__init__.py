@@ -21,6 +21,7 @@ from .logra import projected_grads  # the module first: the name `logra` is the 
 from .metrics import lds, loo_correlation, pearson, spearman
 from .projection import ProjectionSpec, logra
 from .stats import RunningStat, running_covariance, running_mean, running_variance
+from .store import LogStore, StoreSchema, model_fingerprint
 
 __version__ = "0.1.0"
 __all__ = [
@@ -28,9 +29,11 @@ __all__ = [
     "IdentityPreconditioner",
     "IndexedDataset",
     "LayerSpec",
+    "LogStore",
     "Preconditioner",
     "ProjectionSpec",
     "RunningStat",
+    "StoreSchema",
     "TopK",
     "check_unique",
     "content_ids",
@@ -46,6 +49,7 @@ __all__ = [
     "loo_correlation",
     "pearson",
     "merge_states",
+    "model_fingerprint",
     "per_sample_grads",
     "preconditioner",
     "projected_grads",
