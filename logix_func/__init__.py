@@ -17,15 +17,24 @@ from .curvature import (
 from .grads import per_sample_grads
 from .ids import DuplicateIdError, IndexedDataset, check_unique, content_ids, index_ids, string_ids
 from .influence import TopK, influence, influence_chunks, self_influence, top_k
+from .layers import LayerSpec
+from .logra import projected_grads  # the module first: the name `logra` is the function
+from .metrics import lds, loo_correlation, pearson, spearman
+from .projection import ProjectionSpec, logra
 from .stats import RunningStat, running_covariance, running_mean, running_variance
+from .store import LogStore, StoreSchema, model_fingerprint
 
 __version__ = "0.1.0"
 __all__ = [
     "DuplicateIdError",
     "IdentityPreconditioner",
     "IndexedDataset",
+    "LayerSpec",
+    "LogStore",
     "Preconditioner",
+    "ProjectionSpec",
     "RunningStat",
+    "StoreSchema",
     "TopK",
     "check_unique",
     "content_ids",
@@ -36,10 +45,16 @@ __all__ = [
     "influence",
     "influence_chunks",
     "kfac",
+    "lds",
     "load_state",
+    "logra",
+    "loo_correlation",
+    "pearson",
     "merge_states",
+    "model_fingerprint",
     "per_sample_grads",
     "preconditioner",
+    "projected_grads",
     "raw",
     "running_covariance",
     "running_mean",
@@ -47,6 +62,7 @@ __all__ = [
     "sample_targets",
     "save_state",
     "self_influence",
+    "spearman",
     "string_ids",
     "top_k",
 ]

@@ -1,34 +1,31 @@
-"""URLs to tensorstore kvstore specs, and whole-value reads and writes."""
+"""Whole-value reads and writes at a URL (a local path or any tensorstore kvstore URL).
+
+Values share the stores' resource context, so ``memory://run/kfac.pt`` lives beside
+``memory://run/train`` for the life of the process.
+"""
 
 from __future__ import annotations
 
-import os
-
 import tensorstore as ts
 
-# One shared resource context, so that ``memory://`` values outlive a single open.
-CONTEXT = ts.Context()
+from .store.layout import _context, kvstore_spec, wait
 
 
-def kvstore_spec(url: str) -> dict | str:
-    """A tensorstore kvstore spec for ``url``: a local path, or any URL tensorstore knows."""
-    if "://" in url:
-        return url
-    return {"driver": "file", "path": os.path.abspath(url)}
+def _split(url: str) -> tuple[ts.KvStore, str]:
+    base, key = url.rstrip("/").rsplit("/", 1) if "/" in url else (".", url)
+    return ts.KvStore.open(kvstore_spec(base), context=_context(durable=True)).result(), key
 
 
 def write_bytes(url: str, data: bytes) -> None:
     """Store ``data`` as the value at ``url`` (its last path component is the key)."""
-    base, key = url.rstrip("/").rsplit("/", 1) if "/" in url else (".", url)
-    kv = ts.KvStore.open(kvstore_spec(base + "/"), context=CONTEXT).result()
-    kv.write(key, data).result()
+    kv, key = _split(url)
+    wait(kv.write(key, data), f"writing {url}")
 
 
 def read_bytes(url: str) -> bytes:
     """The value :func:`write_bytes` stored at ``url``; FileNotFoundError if there is none."""
-    base, key = url.rstrip("/").rsplit("/", 1) if "/" in url else (".", url)
-    kv = ts.KvStore.open(kvstore_spec(base + "/"), context=CONTEXT).result()
-    result = kv.read(key).result()
+    kv, key = _split(url)
+    result = wait(kv.read(key), f"reading {url}")
     if result.state != "value":
         raise FileNotFoundError(f"nothing stored at {url}")
     return bytes(result.value)

@@ -1,0 +1,379 @@
+"""projected_grads: LoGra-projected per-sample gradients from one batched pass, without hooks.
+
+No per-sample gradient is ever formed, and the user's model is only *called*
+(``torch.func.functional_call``). While the model runs, a ``TorchFunctionMode`` that lives for
+that one call recognises the covered layers' ``F.linear`` / ``conv1d`` / ``conv2d`` /
+``F.embedding`` calls by the identity of their weight tensor (the very tensors passed to
+``functional_call``) and adds a term that is zero in value:
+
+* gradients only: ``P_outᵀ (Z_i · P_in a_t)`` with ``Z = 0`` of shape ``[B, k_out, k_in]``; the
+  gradient of the summed loss with respect to ``Z_i`` is ``Σ_t (P_out δ_t)(P_in a_t)ᵀ``, the
+  projected gradient of sample ``i`` (samples do not interact in the batched pass);
+* with logs: a zero tensor ``e`` shaped like the layer's output; its gradient is the per-token
+  ``δ``. The shapes of the ``e``'s come from a first forward pass (free under
+  ``torch.compile``, whose dead-code elimination drops it; one extra forward in eager mode).
+
+``nn.MultiheadAttention`` runs its projections inside ``F.multi_head_attention_forward``, out of
+a handler's sight, so that call is computed by :func:`~logix_func.layers.mha_forward` instead.
+Any other use of a covered weight (a tied weight in a matmul, a parametrisation) is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
+
+from .batch import LossFn, ModelBatch, sample_loss, unsqueeze_sample
+from .checks import check_modes, check_params
+from .grads import split_weights
+from .layers import (
+    Call,
+    LayerSpec,
+    backprop_tokens,
+    describe,
+    expand_tokens,
+    input_tokens,
+    mha_forward,
+)
+from .projection import ProjectionSpec
+
+Tap = Callable[[str, Call, Tensor], Tensor]
+Grads = dict[str, Float[Tensor, "batch k_out k_in"]]
+Logs = dict[str, dict[str, Tensor]]
+# uses of a covered weight that only read its metadata (properties, then methods)
+_METADATA = {"shape", "dtype", "device", "requires_grad", "is_leaf", "ndim", "layout", "names"}
+_METADATA |= {"is_cuda", "is_sparse", "is_quantized", "is_meta", "is_nested", "grad_fn", "nbytes"}
+_INSPECT = {"size", "dim", "numel", "stride", "is_contiguous", "data_ptr", "element_size"}
+_INSPECT |= {"is_floating_point", "is_complex", "get_device", "__len__", "__hash__", "__format__"}
+
+
+def projected_grads(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    spec: ProjectionSpec,
+    *,
+    loss_fn: LossFn | None = None,
+    return_activations: bool = False,
+    chunk_size: int | None = None,
+) -> Grads | tuple[Grads, Logs]:
+    """Projected per-sample gradients ``P_out G_i P_inᵀ`` of the spec's layers.
+
+    Args:
+        model: any ``nn.Module``; only called through ``functional_call``, never changed.
+        params: ``{name: Tensor}``, values for some of ``model``'s parameters (the others are
+            the model's own); they are held fixed.
+        batch: ``(inputs, targets)`` or a dict with ``labels`` (see :mod:`logix_func.batch`).
+        spec: a :class:`~logix_func.projection.ProjectionSpec` built for this model.
+        loss_fn: ``loss_fn(outputs, targets)`` → scalar loss of one sample (batch of one);
+            ``None`` = summed cross-entropy (or the model's token loss for dict batches).
+        return_activations: also return per-token projected inputs and output gradients.
+        chunk_size: samples per pass; bounds peak memory, same results.
+
+    Returns:
+        ``{layer: [B, k_out, k_in]}``; with ``return_activations`` a pair ``(grads, logs)``,
+        ``logs = {layer: {"activations": [B, T, k_in], "backprops": [B, T, k_out],
+        "mask": Bool[B, T]}}`` where padded tokens (``attention_mask`` of a dict batch, for
+        layers whose tokens are the sequence) are masked out and zeroed.
+    """
+    if not isinstance(spec, ProjectionSpec):
+        raise TypeError(f"spec must be a ProjectionSpec (from lf.logra), got {type(spec).__name__}")
+    check_params(model, params)
+    check_modes(model, "error")
+    mb = ModelBatch.from_batch(batch)
+    fixed, buffers = split_weights(model, params)
+    detached = {n: p.detach() for n, p in params.items()}
+    weights = (detached, fixed, buffers)
+    layers = _covered_layers(model, spec, {**detached, **fixed})
+    run = _Pass(model, mb, weights, spec, layers, sample_loss(model, mb, loss_fn))
+    one = run.logs if return_activations else run.grads
+    if chunk_size is None:
+        return one(mb.tensors, mb.size)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    parts = []
+    for start in range(0, mb.size, chunk_size):
+        rows = slice(start, min(start + chunk_size, mb.size))
+        parts.append(one(_rows(mb.tensors, rows), rows.stop - rows.start))
+    return tree_map(lambda *xs: torch.cat(xs), *parts)
+
+
+def _rows(tensors: dict[str, Any], rows: slice) -> dict[str, Any]:
+    return tree_map(lambda t: t[rows], tensors)
+
+
+def _covered_layers(
+    model: nn.Module, spec: ProjectionSpec, tensors: dict[str, Tensor]
+) -> dict[str, tuple[LayerSpec, Tensor]]:
+    """The spec's layers checked against ``model``, with the weight tensor each one will use."""
+    modules = dict(model.named_modules())
+    canonical: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        canonical.setdefault(id(p), name)
+    every = dict(model.named_parameters(remove_duplicate=False))
+    covered = {}
+    for name, layer in spec.layers.items():
+        if name not in modules:
+            raise KeyError(
+                f"spec layer {name!r} is not a module of {type(model).__name__}: "
+                "was the spec built for another model?"
+            )
+        actual = describe(name, modules[name])
+        if actual is None or not actual.same_layout(layer):
+            raise ValueError(
+                f"spec layer {name!r} is {_layout(layer)} but the model's module is "
+                f"{_layout(actual)}: was the spec built for another model?"
+            )
+        covered[name] = (layer, tensors[canonical[id(every[layer.weight])]])
+    return covered
+
+
+def _layout(layer: LayerSpec | None) -> str:
+    if layer is None:
+        return "not projectable"
+    bias = "with" if layer.bias else "without"
+    groups = f", groups={layer.groups}" if layer.groups != 1 else ""
+    return (
+        f"a {layer.kind} {layer.in_features}→{layer.out_features} {bias} bias{groups} "
+        f"(weight {layer.weight!r})"
+    )
+
+
+class _Pass:
+    """One batched forward+backward of a (sub-)batch, in either of the two modes."""
+
+    def __init__(self, model, mb, weights, spec, layers, loss_of):
+        self.model, self.mb, self.weights, self.layers, self.loss_of = (
+            model,
+            mb,
+            weights,
+            layers,
+            loss_of,
+        )
+        self.mats = {
+            name: tuple(spec.projector(name, side, w.device, w.dtype) for side in ("out", "in"))
+            for name, (_, w) in layers.items()
+        }
+
+    def forward(self, tensors: dict[str, Any], batch: int, tap: Tap) -> Any:
+        mode = _Intercept(self.layers, batch, tap)
+        with mode:
+            outputs = self.mb.call(self.model, self.weights, tensors)
+        mode.check_all_called()
+        return outputs
+
+    def loss(self, outputs: Any, tensors: dict[str, Any]) -> Tensor:
+        """Sum of the samples' losses, each computed on its own (batch of one)."""
+
+        def one(out: Any, sample: dict[str, Any]) -> Tensor:
+            return self.loss_of(unsqueeze_sample(out), unsqueeze_sample(sample))
+
+        in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, outputs)
+        return torch.func.vmap(one, in_dims=(in_dims, 0))(outputs, tensors).sum()
+
+    def bottleneck_tap(self, zs: dict[str, Tensor], batch: int, shapes=None) -> Tap:
+        """Adds ``P_outᵀ (Z_i P_in a_t)`` (zero) to the output; records output shapes if asked."""
+
+        def tap(name: str, call: Call, y: Tensor) -> Tensor:
+            if shapes is not None:
+                shapes[name].append(y.shape)
+            layer = self.layers[name][0]
+            p_out, p_in = self.mats[name]
+            u = input_tokens(layer, call, p_in, batch) @ zs[name].transpose(1, 2)
+            return y + expand_tokens(layer, u, p_out, y.shape)
+
+        return tap
+
+    def zeros(self, batch: int) -> dict[str, Tensor]:
+        return {
+            name: w.new_zeros(batch, layer.rank_out, layer.rank_in)
+            for name, (layer, w) in self.layers.items()
+        }
+
+    def grads(self, tensors: dict[str, Any], batch: int) -> Grads:
+        def total(zs: dict[str, Tensor]) -> Tensor:
+            return self.loss(self.forward(tensors, batch, self.bottleneck_tap(zs, batch)), tensors)
+
+        return torch.func.grad(total)(self.zeros(batch))
+
+    def logs(self, tensors: dict[str, Any], batch: int) -> tuple[Grads, Logs]:
+        # Output shapes first: the same forward as `grads` (so the model takes the same code
+        # paths), without its backward. Under torch.compile this pass is dead code.
+        shapes: dict[str, list[torch.Size]] = {name: [] for name in self.layers}
+        torch.func.vjp(
+            lambda zs: self.forward(tensors, batch, self.bottleneck_tap(zs, batch, shapes)),
+            self.zeros(batch),
+        )
+        es = {
+            name: tuple(w.new_zeros(s) for s in shapes[name])
+            for name, (_, w) in self.layers.items()
+        }
+
+        def total(es: dict[str, tuple[Tensor, ...]]) -> tuple[Tensor, dict[str, list[Tensor]]]:
+            inputs: dict[str, list[Tensor]] = {name: [] for name in self.layers}
+
+            def tap(name: str, call: Call, y: Tensor) -> Tensor:
+                i = len(inputs[name])
+                if i >= len(es[name]) or es[name][i].shape != y.shape:
+                    raise RuntimeError(
+                        f"layer {name!r}: call {i} has output shape {tuple(y.shape)}, which the "
+                        "shape pass did not see; the model's forward must not depend on values"
+                    )
+                layer = self.layers[name][0]
+                inputs[name].append(input_tokens(layer, call, self.mats[name][1], batch))
+                return y + es[name][i]
+
+            return self.loss(self.forward(tensors, batch, tap), tensors), inputs
+
+        deltas, inputs = torch.func.grad(total, has_aux=True)(es)
+        mask = _token_mask(tensors)
+        grads, logs = {}, {}
+        for name, (layer, _) in self.layers.items():
+            p_out = self.mats[name][0]
+            g = [backprop_tokens(layer, d, p_out, batch) for d in deltas[name]]
+            v = inputs[name]
+            grads[name] = sum(
+                torch.einsum("btk,btj->bkj", gc, vc) for gc, vc in zip(g, v, strict=True)
+            )
+            m = torch.cat([_call_mask(layer, mask, vc) for vc in v], dim=1)
+            g, v = torch.cat(g, dim=1), torch.cat(v, dim=1)
+            w = m.unsqueeze(-1).to(v.dtype)
+            logs[name] = {"activations": v * w, "backprops": g * w, "mask": m}
+        return grads, logs
+
+
+def _token_mask(tensors: dict[str, Any]) -> Tensor | None:
+    mask = tensors["kwargs"].get("attention_mask")
+    return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+
+def _call_mask(layer: LayerSpec, mask: Tensor | None, v: Tensor) -> Bool[Tensor, "batch tokens"]:
+    """The attention mask where this call's tokens are the sequence, else all True."""
+    sequence = (
+        mask is not None and not layer.kind.startswith("conv") and v.shape[1] == mask.shape[1]
+    )
+    if sequence:
+        return mask
+    return torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
+
+
+class _Intercept(TorchFunctionMode):
+    """Routes the covered layers' calls through ``tap`` while the model runs."""
+
+    def __init__(self, layers: dict[str, tuple[LayerSpec, Tensor]], batch: int, tap: Tap):
+        super().__init__()
+        self.by_call = {(layer.kind, id(w)): name for name, (layer, w) in layers.items()}
+        self.covered = {id(w): name for name, (_, w) in layers.items()}
+        self.calls = dict.fromkeys(layers, 0)
+        self.batch, self.tap = batch, tap
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward and self.uses_covered(args, kwargs):
+            return mha_forward(self.linear, lambda w: id(w) in self.covered, *args, **kwargs)
+        if func is F.linear:
+            return self.layer_call("linear", func, args, kwargs, _linear_call)
+        if func is torch.conv1d or func is torch.conv2d:
+            kind = "conv1d" if func is torch.conv1d else "conv2d"
+            return self.layer_call(kind, func, args, kwargs, _conv_call)
+        if func is F.embedding:
+            return self.layer_call("embedding", func, args, kwargs, _embedding_call)
+        if self.uses_covered(args, kwargs) and not _reads_metadata(func):
+            self.refuse(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    def layer_call(self, kind, func, args, kwargs, bind):
+        weight, call = bind(*args, **kwargs)
+        name = self.by_call.get((kind, id(weight)))
+        if name is None:
+            if self.uses_covered(args, kwargs):
+                self.refuse(func, args, kwargs)
+            return func(*args, **kwargs)
+        return self.tapped(name, call, func(*args, **kwargs))
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``F.linear`` on batch-first inputs, tapped when ``weight`` is covered."""
+        y = F.linear(x, weight, bias)
+        name = self.by_call.get(("linear", id(weight)))
+        return y if name is None else self.tapped(name, Call(x, weight.dtype), y)
+
+    def tapped(self, name: str, call: Call, y: Tensor) -> Tensor:
+        if call.x.dim() < 1 or call.x.shape[0] != self.batch:
+            raise ValueError(
+                f"layer {name!r} received an input of shape {tuple(call.x.shape)} whose first "
+                f"dimension is not the batch ({self.batch}); projected_grads needs the covered "
+                "layers to see the batch first (batch-first models)"
+            )
+        self.calls[name] += 1
+        return self.tap(name, call, y)
+
+    def uses_covered(self, args, kwargs) -> bool:
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, (tuple, list)):
+                if any(id(b) in self.covered for b in a):
+                    return True
+            elif id(a) in self.covered:
+                return True
+        return False
+
+    def refuse(self, func, args, kwargs):
+        names = sorted(
+            self.covered[id(a)] for a in (*args, *kwargs.values()) if id(a) in self.covered
+        )
+        what = getattr(func, "__qualname__", None) or repr(func)
+        if getattr(func, "__name__", "") == "__get__":
+            what = f"Tensor.{getattr(func.__self__, '__name__', '?')}"
+        raise ValueError(
+            f"the weight of covered layer(s) {names} is used by {what}, which projected_grads "
+            "cannot project (only the layer's own linear/conv/embedding call is); its gradient "
+            "would be incomplete. Exclude the layer from the spec (logra(..., layers=[...]))"
+        )
+
+    def check_all_called(self) -> None:
+        missing = [name for name, n in self.calls.items() if n == 0]
+        if missing:
+            raise ValueError(
+                f"covered layer(s) {missing} were never called with their own weight during the "
+                "forward (unused, or their weight is used another way); exclude them from the spec"
+            )
+
+
+def _reads_metadata(func) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property: its descriptor's name says which
+        return getattr(getattr(func, "__self__", None), "__name__", "") in _METADATA
+    return name in _INSPECT
+
+
+def _linear_call(input, weight, bias=None):
+    return weight, Call(input, weight.dtype)
+
+
+def _conv_call(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return weight, Call(input, weight.dtype, tuple(weight.shape[2:]), stride, padding, dilation)
+
+
+def _embedding_call(
+    input,
+    weight,
+    padding_idx=None,
+    max_norm=None,
+    norm_type=2.0,
+    scale_grad_by_freq=False,
+    sparse=False,
+):
+    if max_norm is not None or scale_grad_by_freq:
+        raise ValueError(
+            "F.embedding with max_norm or scale_grad_by_freq changes the weight or its gradient "
+            "across the batch; such an embedding cannot be projected per sample"
+        )
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]
+    return weight, Call(input, weight.dtype, padding_idx=padding_idx)

@@ -1,0 +1,358 @@
+"""LoGra projection specs: seeded, device-independent Kronecker projections.
+
+A :class:`ProjectionSpec` is small, JSON-serialisable data: a seed, a distribution and, for each
+covered layer, its gradient layout and ranks. The matrices are *derived* on demand from
+``(seed, layer name, side)``: a 64-bit key (BLAKE2b of the three) drives a counter-based
+splitmix64 stream, entry ``j`` of a matrix uses counters ``2j`` and ``2j + 1`` only, and Box–Muller
+(Gaussian) or the sign bit (Rademacher) turns them into values scaled by ``1/sqrt(k)``. The
+computation is integer arithmetic plus float64 NumPy on the CPU, then a single rounding to the
+requested dtype and a copy to the requested device, so every process, device and batch split sees
+the same bits. Under ``torch.compile`` the generator is an opaque custom op, so compiled code
+uses the very same matrices as eager code.
+
+With ``init="pca"`` the matrices are the top eigenvectors of given covariances instead; they are
+part of the spec (``spec.pca``) and serialised with it (base64 little-endian float64).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from .layers import LayerSpec, projectable_layers, why_not_projectable
+
+Distribution = Literal["gaussian", "rademacher"]
+Rank = int | tuple[int, int] | None
+FORMAT = "logix_func.ProjectionSpec"
+VERSION = 1
+_SIDES = ("out", "in")
+
+
+@dataclass(frozen=True)
+class ProjectionSpec:
+    """Seed, distribution and per-layer layouts of a LoGra projection (see module docstring).
+
+    ``layers`` maps module names to :class:`~logix_func.layers.LayerSpec`; ``pca`` maps layer
+    names to ``{"out": [k_out, out], "in": [k_in, in']}`` float64 bases (only for PCA init; a side
+    whose rank equals its size is the identity and has no entry).
+    """
+
+    seed: int
+    distribution: Distribution
+    layers: dict[str, LayerSpec]
+    pca: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.distribution not in ("gaussian", "rademacher"):
+            raise ValueError(
+                f"distribution must be 'gaussian' or 'rademacher', got {self.distribution!r}"
+            )
+        if not self.layers:
+            raise ValueError("a projection spec needs at least one layer")
+        for name, layer in self.layers.items():
+            _check_layer(name, layer)
+            for side, basis in self.pca.get(name, {}).items():
+                rows, cols = _side_shape(layer, side)
+                if tuple(basis.shape) != (rows, cols):
+                    raise ValueError(
+                        f"pca basis {name!r}/{side} has shape {tuple(basis.shape)}, "
+                        f"expected {(rows, cols)}"
+                    )
+
+    def matrices(
+        self, layer: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[Float[Tensor, "k_out out"], Float[Tensor, "k_in in_"]]:
+        """``(P_out [k_out, out], P_in [k_in, in'])`` of one layer; identity where ``k = size``."""
+        if layer not in self.layers:
+            raise KeyError(f"no layer {layer!r} in this spec; it has {list(self.layers)}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        device = torch.device("cpu") if device is None else torch.device(device)
+        out = []
+        for side in _SIDES:
+            p = self.projector(layer, side, device, dtype)
+            size = _side_shape(self.layers[layer], side)[1]
+            out.append(torch.eye(size, dtype=dtype, device=device) if p is None else p)
+        return out[0], out[1]
+
+    def projector(
+        self, layer: str, side: str, device: torch.device, dtype: torch.dtype
+    ) -> Tensor | None:
+        """One side's matrix, or None for the identity (rank equal to the side's size)."""
+        spec = self.layers[layer]
+        rows, cols = _side_shape(spec, side)
+        if rows == cols:
+            return None
+        if layer in self.pca:
+            return self.pca[layer][side].to(device=device, dtype=dtype)
+        return random_matrix(self.seed, layer, side, rows, cols, self.distribution, device, dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form; :meth:`from_dict` inverts it exactly."""
+        layers = {}
+        for name, layer in self.layers.items():
+            d = asdict(layer)
+            d["in"], d["out"] = d.pop("in_features"), d.pop("out_features")
+            if not layer.kind.startswith("conv"):
+                d.pop("groups")
+            layers[name] = d
+        out: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "seed": self.seed,
+            "distribution": self.distribution,
+            "layers": layers,
+        }
+        if self.pca:
+            out["pca"] = {
+                name: {side: _encode(t) for side, t in bases.items()}
+                for name, bases in self.pca.items()
+            }
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProjectionSpec:
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise ValueError(
+                f"not a {FORMAT} version {VERSION} dict (format={data.get('format')!r}, "
+                f"version={data.get('version')!r})"
+            )
+        layers = {}
+        for name, d in data["layers"].items():
+            d = dict(d)
+            d["in_features"], d["out_features"] = d.pop("in"), d.pop("out")
+            layers[name] = LayerSpec(**d)
+        pca = {
+            name: {side: _decode(enc) for side, enc in bases.items()}
+            for name, bases in data.get("pca", {}).items()
+        }
+        return cls(int(data["seed"]), data["distribution"], layers, pca)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ProjectionSpec):
+            return NotImplemented
+        same_pca = self.pca.keys() == other.pca.keys() and all(
+            self.pca[n].keys() == other.pca[n].keys()
+            and all(torch.equal(self.pca[n][s], other.pca[n][s]) for s in self.pca[n])
+            for n in self.pca
+        )
+        head = (self.seed, self.distribution, self.layers)
+        return head == (other.seed, other.distribution, other.layers) and same_pca
+
+    __hash__ = None  # mutable-looking contents (dicts, tensors)
+
+
+def _side_shape(layer: LayerSpec, side: str) -> tuple[int, int]:
+    if side == "out":
+        return layer.rank_out, layer.out_features
+    if side == "in":
+        return layer.rank_in, layer.in_size
+    raise ValueError(f"side must be 'out' or 'in', got {side!r}")
+
+
+def _check_layer(name: str, layer: LayerSpec) -> None:
+    if layer.kind not in ("linear", "conv1d", "conv2d", "embedding"):
+        raise ValueError(f"layer {name!r}: unknown kind {layer.kind!r}")
+    for side in _SIDES:
+        rank, size = _side_shape(layer, side)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= size:
+            raise ValueError(
+                f"layer {name!r}: rank_{side} must be an int in [1, {size}], got {rank}"
+            )
+
+
+def _encode(t: Tensor) -> dict[str, Any]:
+    data = t.detach().cpu().to(torch.float64).numpy().astype("<f8").tobytes()
+    return {"dtype": "float64", "shape": list(t.shape), "data": base64.b64encode(data).decode()}
+
+
+def _decode(enc: Mapping[str, Any]) -> Tensor:
+    if enc.get("dtype") != "float64":
+        raise ValueError(f"pca payload must be float64, got {enc.get('dtype')!r}")
+    array = np.frombuffer(base64.b64decode(enc["data"]), dtype="<f8").reshape(enc["shape"])
+    return torch.from_numpy(array.astype(np.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# the generator
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_CACHE_BYTES = 1 << 30
+_cache: OrderedDict[tuple, Tensor] = OrderedDict()  # memo of a pure function, bounded by bytes
+
+
+def stream_key(seed: int, layer: str, side: str) -> int:
+    """The 64-bit key of one matrix: BLAKE2b of ``(seed, layer, side)``."""
+    digest = hashlib.blake2b(f"{seed}\x00{layer}\x00{side}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def splitmix64(key: int, counters: np.ndarray) -> np.ndarray:
+    """splitmix64 outputs for ``counters`` (uint64) of the stream ``key`` (wrapping arithmetic)."""
+    z = np.uint64(key) + (counters + np.uint64(1)) * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def random_matrix_numpy(
+    seed: int, layer: str, side: str, rows: int, cols: int, distribution: str
+) -> np.ndarray:
+    """The float64 matrix ``[rows, cols]`` of one side, entries of variance ``1/rows``."""
+    key = stream_key(seed, layer, side)
+    n = rows * cols
+    with np.errstate(over="ignore"):
+        if distribution == "rademacher":
+            bits = splitmix64(key, np.arange(n, dtype=np.uint64))
+            values = 1.0 - 2.0 * (bits >> np.uint64(63)).astype(np.float64)
+        else:
+            bits = splitmix64(key, np.arange(2 * n, dtype=np.uint64)).reshape(n, 2)
+            u1 = ((bits[:, 0] >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # (0, 1)
+            u2 = (bits[:, 1] >> np.uint64(11)).astype(np.float64) * 2.0**-53  # [0, 1)
+            values = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    return (values / np.sqrt(rows)).reshape(rows, cols)
+
+
+@torch.library.custom_op("logix_func::random_matrix", mutates_args=())
+def random_matrix(
+    seed: int,
+    layer: str,
+    side: str,
+    rows: int,
+    cols: int,
+    distribution: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The seeded matrix of one side on ``device`` in ``dtype`` (see module docstring)."""
+    key = (seed, layer, side, rows, cols, distribution, str(device), dtype)
+    hit = _cache.get(key)
+    if hit is None:
+        array = random_matrix_numpy(seed, layer, side, rows, cols, distribution)
+        hit = torch.from_numpy(array).to(device=device, dtype=dtype)
+        _cache[key] = hit
+        while len(_cache) > 1 and sum(t.nbytes for t in _cache.values()) > _CACHE_BYTES:
+            _cache.popitem(last=False)
+    _cache.move_to_end(key)
+    return hit.clone()
+
+
+@random_matrix.register_fake
+def _(seed, layer, side, rows, cols, distribution, device, dtype):
+    return torch.empty(rows, cols, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# building a spec
+
+
+def logra(
+    model: nn.Module,
+    rank: Rank = 64,
+    *,
+    seed: int = 0,
+    layers: list[str] | None = None,
+    init: Literal["random", "pca"] = "random",
+    distribution: Distribution = "gaussian",
+    covariances: Mapping[str, Mapping[str, Tensor]] | None = None,
+) -> ProjectionSpec:
+    """A LoGra projection spec for ``model``'s projectable layers.
+
+    Args:
+        model: the model; only read (module types and parameter shapes).
+        rank: ``k`` for both sides (capped at each side's size), ``(k_out, k_in)``, or ``None``
+            for no projection (identity on both sides: full gradients, same layout).
+        seed: the seed of the random matrices, in ``[0, 2**63)``.
+        layers: module names to cover; ``None`` = every projectable module.
+        init: ``"random"`` or ``"pca"`` (top eigenvectors of ``covariances``).
+        distribution: ``"gaussian"`` or ``"rademacher"``, entries scaled by ``1/sqrt(k)``.
+        covariances: for ``init="pca"``: ``{layer: {"A": [in', in'], "S": [out, out]}}``, the
+            covariance of the layer's inputs (bias column of ones included) and of its output
+            gradients, e.g. KFAC factors.
+    """
+    found = projectable_layers(model)
+    names = list(found) if layers is None else _check_names(model, found, layers)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no projectable layer")
+    specs = {name: found[name].with_ranks(*_ranks(rank, found[name], name)) for name in names}
+    if init == "random":
+        if covariances is not None:
+            raise ValueError("covariances are only used with init='pca'")
+        return ProjectionSpec(seed, distribution, specs)
+    if init != "pca":
+        raise ValueError(f"init must be 'random' or 'pca', got {init!r}")
+    if rank is None:
+        raise ValueError("init='pca' needs a rank (rank=None means no projection)")
+    pca = {name: _pca_bases(name, spec, covariances) for name, spec in specs.items()}
+    return ProjectionSpec(seed, distribution, specs, {n: b for n, b in pca.items() if b})
+
+
+def _check_names(model: nn.Module, found: dict[str, LayerSpec], layers: list[str]) -> list[str]:
+    if isinstance(layers, str):
+        raise TypeError("layers must be a list of module names, not a string")
+    modules = dict(model.named_modules())
+    for name in layers:
+        if name in found:
+            continue
+        if name not in modules:
+            sample = ", ".join(list(found)[:5])
+            raise KeyError(f"no module named {name!r} in the model (projectable ones: {sample})")
+        raise ValueError(
+            f"layer {name!r} cannot be projected: it is {why_not_projectable(modules[name])}"
+        )
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers contains duplicates: {layers}")
+    return list(layers)
+
+
+def _ranks(rank: Rank, layer: LayerSpec, name: str) -> tuple[int, int]:
+    """``(k_out, k_in)`` for one layer, capped at the sides' sizes."""
+    if rank is None:
+        return layer.out_features, layer.in_size
+    pair = (rank, rank) if isinstance(rank, int) else rank
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in pair)
+    ):
+        raise ValueError(f"rank must be a positive int, a pair (k_out, k_in) or None; got {rank!r}")
+    return min(pair[0], layer.out_features), min(pair[1], layer.in_size)
+
+
+def _pca_bases(
+    name: str, layer: LayerSpec, covariances: Mapping[str, Mapping[str, Tensor]] | None
+) -> dict[str, Tensor]:
+    """Top eigenvectors (rows, float64) of the needed sides' covariances."""
+    bases = {}
+    for side, key in (("out", "S"), ("in", "A")):
+        rows, size = _side_shape(layer, side)
+        if rows == size:
+            continue
+        cov = (covariances or {}).get(name, {}).get(key)
+        if cov is None:
+            raise KeyError(f"init='pca' needs covariances[{name!r}][{key!r}] ([{size}, {size}])")
+        cov = torch.as_tensor(cov).detach().cpu().to(torch.float64)
+        if cov.shape != (size, size) or not torch.isfinite(cov).all():
+            raise ValueError(
+                f"covariances[{name!r}][{key!r}] must be a finite [{size}, {size}] matrix, "
+                f"got shape {tuple(cov.shape)}"
+            )
+        _, vectors = torch.linalg.eigh(0.5 * (cov + cov.T))
+        top = vectors[:, -rows:].flip(-1).T.contiguous()  # [rows, size], largest first
+        signs = torch.sign(top.gather(1, top.abs().argmax(1, keepdim=True)))
+        bases[side] = top * signs  # deterministic sign: largest entry positive
+    return bases
