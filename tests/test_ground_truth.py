@@ -198,7 +198,8 @@ def test_exact_ggn_influence_reaches_a_high_lds(split, lds_data):
         jac = vmap(jacrev(logits), in_dims=(None, 0))(flat, x)  # [b, 10, P]
         prob = torch.softmax(logits(flat, x), dim=1)
         centred = jac - torch.einsum("bc,bcp->bp", prob, jac)[:, None]
-        ggn += torch.einsum("bc,bcp,bcq->pq", prob, centred, centred) / n
+        rows = (prob.sqrt()[..., None] * centred).flatten(0, 1)  # [b * 10, P]
+        ggn += rows.T @ rows / n
 
     def grads(x, y):  # per-example cross-entropy gradients, [b, P]
         jac = vmap(jacrev(logits), in_dims=(None, 0))(flat, x)
@@ -220,3 +221,12 @@ def test_exact_ggn_influence_reaches_a_high_lds(split, lds_data):
     random_lds, _ = lds(torch.randn_like(scores), masks, outputs)
     assert influence_lds >= 0.7 and (per_query > 0).float().mean() > 0.95
     assert dot_lds < influence_lds - 0.2 and abs(random_lds) < 0.1
+
+
+def test_train_mlps_rejects_bad_masks(split):
+    with pytest.raises(ValueError, match="masks must be Bool"):
+        digits.train_mlps(split.train_x, split.train_y, [0], torch.ones(1, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="empty"):
+        digits.train_mlps(
+            split.train_x, split.train_y, [0, 1], torch.eye(2, 1300, dtype=torch.bool) & False
+        )
