@@ -8,7 +8,7 @@ Everything here is deterministic and runs in float64 unless asked otherwise:
   ``logreg_objective = mean cross-entropy + (l2 / 2) * (||W||² + ||b||²)``. The bias is
   regularised too, which keeps the Hessian positive definite (softmax is unchanged when the same
   constant is added to every logit, so an unregularised bias leaves one flat direction).
-  `train_logreg` minimises it with L-BFGS to a tight gradient norm.
+  `train_logreg` minimises it with L-BFGS, then Newton steps, to max |gradient| <= 1e-12.
 - MLP: ``Linear(64, 32) → tanh → Linear(32, 10)`` minimising
   ``mlp_objective = mean cross-entropy + (weight_decay / 2) * ||θ||²`` with a fixed full-batch
   Adam schedule (`train_mlp`); only the initialisation depends on the seed.
@@ -209,6 +209,8 @@ def train_mlps(
         raise ValueError(
             f"masks must be Bool[{len(seeds)}, {len(y)}], got {masks.dtype} {masks.shape}"
         )
+    if not masks.any(dim=1).all():
+        raise ValueError("every model needs at least one training row: a row of masks is empty")
     inits = [mlp_init(s, width, x.dtype) for s in seeds]
     params = {k: torch.stack([p[k] for p in inits]).requires_grad_(True) for k in inits[0]}
     # Model k sees its own rows, padded with row 0 at weight 0 up to the largest subset.
