@@ -108,7 +108,6 @@ def main(argv: list[str] | None = None) -> None:
     query_rows = projected_grads(model, params, (data.test_x[queries], data.test_y[queries]), spec)
     scores = influence(query_rows, store, preconditioner=pre, progress=progress)
     ids = store.ids()
-    ids = torch.as_tensor(ids) if not isinstance(ids, torch.Tensor) else ids
     helps = top_k(scores, args.top, ids=ids)
     hurts = top_k(scores, args.top, ids=ids, largest=False)
     for i, q in enumerate(args.queries):
