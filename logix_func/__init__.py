@@ -20,6 +20,7 @@ from .influence import TopK, influence, influence_chunks, self_influence, top_k
 from .layers import LayerSpec
 from .logra import projected_grads  # the module first: the name `logra` is the function
 from .metrics import lds, loo_correlation, pearson, spearman
+from .pipeline import fit_curvature, log_dataset
 from .projection import ProjectionSpec, logra
 from .stats import RunningStat, running_covariance, running_mean, running_variance
 from .store import LogStore, StoreSchema, model_fingerprint
@@ -41,12 +42,14 @@ __all__ = [
     "ekfac",
     "exact_curvature",
     "fisher_logs",
+    "fit_curvature",
     "index_ids",
     "influence",
     "influence_chunks",
     "kfac",
     "lds",
     "load_state",
+    "log_dataset",
     "logra",
     "loo_correlation",
     "pearson",
