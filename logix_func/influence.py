@@ -73,13 +73,21 @@ def _check_compatible(query: Rows, train: Any) -> None:
             )
 
 
-def _check_finite(chunk: Chunk) -> None:
+def _check_finite(chunk: Chunk, what: str = "training") -> None:
     for name, v in chunk.rows.items():
         bad = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
         if bad.any():
             ids = [chunk.ids[i] for i in bad.nonzero().flatten().tolist()]
             ids = [int(i) if isinstance(i, Tensor) else i for i in ids]
-            raise ValueError(f"non-finite values in layer {name!r} for data ids {ids[:10]}")
+            raise ValueError(f"non-finite {what} rows in layer {name!r} for data ids {ids[:10]}")
+
+
+def _check_scores(chunk: Chunk, scores: dict[str, Tensor]) -> None:
+    """A NaN or inf in a row makes its score column non-finite: look for bad ids only then."""
+    if all(bool(torch.isfinite(v).all()) for v in scores.values()):
+        return
+    _check_finite(chunk)
+    raise ValueError("non-finite influence scores from finite rows: the values overflow float32")
 
 
 def _flat(rows: Rows, name: str) -> Tensor:
@@ -112,13 +120,14 @@ def influence_chunks(
     if total == 0:
         raise ValueError("the training rows are empty: nothing to score against")
     pre = preconditioner or _identity
+    _check_finite(Chunk(list(range(_num_rows(query))), dict(query)), "query")
     conditioned = {k: v.reshape(v.shape[0], -1).float() for k, v in pre(dict(query)).items()}
     q_self = _self_kernel(query, pre) if mode in ("cosine", "l2") else None
     show = total > 50_000 if progress is None else progress
     bar = tqdm(total=total, desc="influence", unit="row", disable=not show)
     for chunk in iter_rows(train, chunk_rows):
-        _check_finite(chunk)
         layer_scores = {k: conditioned[k] @ _flat(chunk.rows, k).T for k in conditioned}
+        _check_scores(chunk, layer_scores)
         bar.update(len(chunk.ids))
         if per_layer:
             yield chunk.ids, layer_scores
@@ -189,8 +198,9 @@ def self_influence(
     show = total > 50_000 if progress is None else progress
     out = []
     for chunk in tqdm(iter_rows(train, chunk_rows), disable=not show, desc="self-influence"):
-        _check_finite(chunk)
-        out.append(_self_kernel(chunk.rows, pre))
+        values = _self_kernel(chunk.rows, pre)
+        _check_scores(chunk, {"self": values})
+        out.append(values)
     return torch.cat(out)
 
 

@@ -115,10 +115,16 @@ def test_bad_input_is_named():
         lf.influence({**q, "b": torch.randn(2, 3, 5)}, t)
     bad = {k: v.clone() for k, v in t.items()}
     bad["b"][7, 1, 2] = float("nan")
-    with pytest.raises(ValueError, match=r"non-finite values in layer 'b' for data ids \[7\]"):
+    with pytest.raises(
+        ValueError, match=r"non-finite training rows in layer 'b' for data ids \[7\]"
+    ):
         lf.influence(q, bad, chunk_rows=4)
     with pytest.raises(ValueError, match=r"non-finite.*\[7\]"):
         lf.self_influence(bad)
+    bad_query = {k: v.clone() for k, v in q.items()}
+    bad_query["a"][1, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite query rows in layer 'a' for data ids \[1\]"):
+        lf.influence(bad_query, t)
     empty = {k: v[:0] for k, v in t.items()}
     with pytest.raises(ValueError, match="empty"):
         lf.influence(q, empty)
