@@ -7,6 +7,7 @@ import random
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,15 @@ def test_writer_killed_at_random_points_resumes_without_duplicates_or_gaps(tmp_p
     rng = random.Random(0)
     kills = runs = 0
     while kills < 24 and runs < 100:
-        args = (url, ids, 0, rng.choice([1, 5, 16, 37]), rng.choice([0, 1, 3]), 0.01)
+        progress = ctx.Value("i", 0)
+        args = (url, ids, 0, rng.choice([1, 5, 16, 37]), rng.choice([0, 1, 3]), 0.01, progress)
         child = ctx.Process(target=store_writer.write_ids, args=args)
         child.start()
-        child.join(timeout=rng.uniform(0.0, 0.2))
-        child.kill()  # SIGKILL: no cleanup, no flush
+        appends, deadline = rng.randint(0, 12), time.monotonic() + 60
+        while progress.value < appends and child.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.002)  # wait for the loop itself, whatever the start-up time
+        time.sleep(rng.uniform(0.0, 0.02))
+        child.kill()  # SIGKILL at a random point of the loop: no cleanup, no flush
         child.join()
         runs += 1
         kills += child.exitcode == -signal.SIGKILL
