@@ -11,16 +11,23 @@ ordinary ``F.cross_entropy(outputs, targets, reduction="sum")`` is a valid loss 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Shaped
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
 LossFn = Callable[[Any, Tensor], Tensor]
+BatchedTensor = Shaped[Tensor, "batch ..."]
+Batch = (
+    tuple[BatchedTensor | Sequence[BatchedTensor], BatchedTensor]
+    | list[BatchedTensor | Sequence[BatchedTensor]]
+    | Mapping[str, Any]
+)
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -38,7 +45,8 @@ class ModelBatch:
     size: int
 
     @classmethod
-    def from_batch(cls, batch: Any) -> ModelBatch:
+    def from_batch(cls, batch: Batch) -> ModelBatch:
+        """Validate ``batch`` (all tensor leaves share a non-empty batch dimension) and split it."""
         if isinstance(batch, Mapping):
             if "labels" not in batch:
                 raise ValueError(
@@ -94,7 +102,7 @@ def unsqueeze_sample(tensors: dict[str, Any]) -> dict[str, Any]:
     return torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), tensors)
 
 
-def logits_of(outputs: Any) -> Tensor:
+def logits_of(outputs: Any) -> Float[Tensor, "*shape"]:
     """The logits of a model's outputs: a tensor, a ``.logits`` attribute, or the first item."""
     if isinstance(outputs, Tensor):
         return outputs
@@ -105,39 +113,54 @@ def logits_of(outputs: Any) -> Tensor:
     raise TypeError(f"cannot find logits in model outputs of type {type(outputs).__name__}")
 
 
-def summed_loss(outputs: Any, targets: Tensor) -> Tensor:
+def summed_loss(outputs: Any, targets: Shaped[Tensor, "*batch"]) -> Float[Tensor, ""]:
     """Default loss of one sample (or a batch), summed over samples and tokens.
 
     Integer targets: cross-entropy, tokens equal to -100 ignored; logits ``[..., C]`` against
-    targets ``[...]``. Floating targets: half the summed squared error.
+    targets ``[...]``. Floating targets: half the summed squared error; outputs ``[...]`` (or
+    ``[..., 1]``) against targets ``[...]``. Half-precision logits are summed in float32.
     """
     logits = logits_of(outputs)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     if targets.is_floating_point():
-        return 0.5 * (logits - targets).pow(2).sum()
+        if logits.shape not in (targets.shape, targets.shape + (1,)):
+            raise ValueError(
+                f"default loss: outputs of shape {tuple(logits.shape)} do not match floating "
+                f"targets of shape {tuple(targets.shape)}; pass loss_fn"
+            )
+        return 0.5 * (logits.reshape(targets.shape) - targets).pow(2).sum()
     if logits.dim() != targets.dim() + 1 or logits.shape[:-1] != targets.shape:
         raise ValueError(
             f"default loss: logits of shape {tuple(logits.shape)} do not match integer targets "
             f"of shape {tuple(targets.shape)} (expected logits [..., classes]); pass loss_fn"
         )
     return F.cross_entropy(
-        logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """Whether a Hugging Face model predicts the next token (its labels are shifted)."""
-    return type(model).__name__.endswith(_CAUSAL_SUFFIXES)
+    """Whether a Hugging Face model predicts the next token (its labels are shifted).
+
+    Decided by the class name (``*ForCausalLM``, ``*LMHeadModel``), looking through
+    ``torch.compile``'s wrapper.
+    """
+    return type(getattr(model, "_orig_mod", model)).__name__.endswith(_CAUSAL_SUFFIXES)
 
 
 def lm_loss(shift: bool) -> Callable[[Any, Tensor, Tensor | None], Tensor]:
     """Token cross-entropy summed over non-ignored tokens, with an optional causal shift.
 
-    Tokens where ``attention_mask`` is 0 are ignored as well.
+    ``loss(outputs, labels [b, t], attention_mask [b, t] | None)``: logits ``[b, t, vocab]``;
+    with ``shift`` the logits at position ``i`` predict the label at ``i + 1``. Tokens where
+    ``attention_mask`` is 0 are ignored as well. Labels of another shape than the mask (one
+    label per sequence, say) are used as they are.
     """
 
     def loss(outputs: Any, labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         logits = logits_of(outputs)
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.shape == labels.shape:
             labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
         if shift:
             logits, labels = logits[..., :-1, :], labels[..., 1:]

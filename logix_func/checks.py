@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, get_args
 
+import torch
 from torch import Tensor, nn
 
 Randomness = Literal["error", "different", "same"]
 
 _VMAP_ADVICE = (
-    "torch.func.vmap could not batch an operation of the model: {msg}\n"
-    "What to do: replace the named operation by one that vmap supports (no .item(), no "
+    "torch.func.vmap could not batch an operation of the model{where}: {msg}\n"
+    "What to do: replace that operation by one that vmap supports (no .item(), no "
     "data-dependent Python control flow, no in-place writes into tensors created outside the "
-    "sample, no ops with data-dependent output shapes), or compute that part outside the model."
+    "sample, no ops with data-dependent output shapes such as nonzero or boolean masking), or "
+    "compute that part outside the model."
 )
+_RANDOM_ADVICE = (
+    "the model draws random numbers while computing per-sample gradients{where} (e.g. "
+    "F.dropout(x, training=True) or torch.rand in forward), and randomness='error' (the default) "
+    "refuses that: results would be random. Make the forward deterministic (model.eval() and "
+    "F.dropout(x, p, training=self.training)), or pass randomness='different' for independent "
+    "random draws per sample ('same' shares one draw across the batch).\n(vmap said: {msg})"
+)
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
 
 
 def check_params(model: nn.Module, params: Mapping[str, Tensor]) -> None:
-    """``params`` must name floating parameters of ``model``."""
+    """``params`` must name floating parameters of ``model``, with the model's shapes."""
     if not isinstance(params, Mapping) or not params:
         raise ValueError("params must be a non-empty {name: Tensor} dict of model parameters")
     known = dict(model.named_parameters())
@@ -40,19 +52,40 @@ def check_params(model: nn.Module, params: Mapping[str, Tensor]) -> None:
             )
 
 
+def check_buffers(model: nn.Module, buffers: Mapping[str, Tensor] | None) -> None:
+    """``buffers`` (when given) must name buffers of ``model``."""
+    if buffers is None:
+        return
+    known = dict(model.named_buffers())
+    unknown = [n for n in buffers if n not in known]
+    if unknown:
+        raise KeyError(f"buffers names not in the model: {unknown} (its buffers: {list(known)})")
+
+
+def check_options(chunk_size: int | None, randomness: str) -> None:
+    """``chunk_size`` is None or a positive int; ``randomness`` is one of vmap's three."""
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    if randomness not in get_args(Randomness):
+        raise ValueError(f"randomness must be one of {get_args(Randomness)}, got {randomness!r}")
+
+
 def check_modes(model: nn.Module, randomness: Randomness) -> None:
     """Refuse modules whose train-mode behaviour would make per-sample results wrong."""
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+            m.training or m.running_mean is None
+        ):
+            state = "in training mode" if m.training else "without running statistics"
             raise ValueError(
-                f"{name or 'model'} is a {type(m).__name__} in training mode: it mixes the samples "
+                f"{name or 'model'!r} is a {type(m).__name__} {state}: it mixes the samples "
                 "of a batch, so per-sample gradients are undefined. Call model.eval() first "
                 "(running statistics are then used), or replace it by GroupNorm/LayerNorm."
             )
         dropout = isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
         if dropout and randomness == "error":
             raise ValueError(
-                f"{name or 'model'} is an active {type(m).__name__} (the model is in training "
+                f"{name or 'model'!r} is an active {type(m).__name__} (the model is in training "
                 "mode): results would be random. Call model.eval() for deterministic gradients "
                 "(the default policy), or pass randomness='different' for an independent dropout "
                 "mask per sample ('same' shares one mask)."
@@ -60,8 +93,22 @@ def check_modes(model: nn.Module, randomness: Randomness) -> None:
 
 
 def vmap_error(err: RuntimeError) -> RuntimeError:
-    """A clearer error for vmap's failures; other errors come back unchanged."""
-    msg = str(err)
+    """A clearer error for vmap's failures, naming the model's line; others come back unchanged."""
+    msg = str(err).strip()
     if "vmap" not in msg and "Batching rule" not in msg:
         return err
-    return RuntimeError(_VMAP_ADVICE.format(msg=msg.strip()))
+    advice = _RANDOM_ADVICE if "random operation" in msg else _VMAP_ADVICE
+    return RuntimeError(advice.format(where=_user_line(err), msg=msg))
+
+
+def _user_line(err: BaseException) -> str:
+    """`` at file:line (code)`` of the innermost traceback frame outside torch and this package."""
+    frames = [
+        f
+        for f in traceback.extract_tb(err.__traceback__)
+        if not os.path.abspath(f.filename).startswith(_LIBRARY_DIRS)
+    ]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename}:{f.lineno} ({f.line})"

@@ -1,52 +1,128 @@
-"""The ``logix-func`` command: the end-to-end attribution demo on scikit-learn's digits."""
+"""The ``logix-func`` command: end-to-end attribution on scikit-learn's digits.
+
+Trains the reference MLP (cached), logs LoGra-projected per-sample gradients of the whole
+training set to a store, fits the curvature, scores test images, prints their top proponents
+and opponents, and saves a picture of them. Every stage resumes: a rerun reuses what the run
+folder already holds.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+from typing import Any
 
 import torch
-from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from .grads import per_sample_grads
+from .curvature import load_state, preconditioner, save_state
+from .digits import digits_split, mlp_model, train_mlp
+from .influence import influence, top_k
+from .kvstore import read_bytes
+from .logra import projected_grads
+from .pipeline import fit_curvature, log_dataset
+from .projection import logra
 
 
-def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled digits: ``[1797, 64]`` pixels in [0, 1] and ``[1797]`` labels."""
-    from sklearn.datasets import load_digits
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="logix-func", description=__doc__.splitlines()[0])
+    p.add_argument("--run", default="runs/digits", help="run folder or tensorstore URL")
+    p.add_argument("--rank", type=int, default=16, help="LoGra rank per side (0: no projection)")
+    p.add_argument(
+        "--preconditioner", choices=["ekfac", "kfac", "raw", "identity"], default="ekfac"
+    )
+    p.add_argument("--fisher", choices=["true", "empirical", "exact"], default="true")
+    p.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="absolute damping (default: 0.1 × mean eigenvalue per layer)",
+    )
+    p.add_argument(
+        "--queries",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2, 3],
+        help="positions in the test split to explain",
+    )
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--png", default=None, help="picture path (default: RUN/influence.png)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    return p
 
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    return x, torch.tensor(data.target, dtype=torch.long)
+
+def _exists(url: str) -> bool:
+    try:
+        read_bytes(url)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _cached(url: str, make: Any) -> Any:
+    if _exists(url):
+        return load_state(url)
+    value = make()
+    save_state(value, url)
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="logix-func", description=__doc__)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    progress = not args.no_progress
+    run = args.run.rstrip("/")
+    data = digits_split(torch.float32)
+    model = mlp_model(dtype=torch.float32).eval()
+    params = _cached(f"{run}/model.pt", lambda: train_mlp(data.train_x, data.train_y, args.seed))
+    params = {k: v.to(torch.float32) for k, v in params.items()}
+    accuracy = torch.func.functional_call(model, params, (data.test_x,)).argmax(1) == data.test_y
+    print(f"model: MLP 64-32-10, test accuracy {accuracy.float().mean():.3f}")
 
-    torch.manual_seed(args.seed)
-    x, y = load_digits_tensors()
-    train_x, train_y, test_x, test_y = x[:1500], y[:1500], x[1500:], y[1500:]
-    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(args.epochs):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(train_x), train_y).backward()
-        opt.step()
-    model.eval()
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    spec = logra(model, rank=args.rank or None, seed=args.seed)
+    loader = DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=args.batch_size)
+    store = log_dataset(model, params, loader, spec, f"{run}/train", progress=progress)
+    print(f"store: {len(store)} training rows at {store.url}")
 
-    def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([g.flatten(1) for g in grads.values()], dim=1)
+    if args.preconditioner == "identity":
+        pre = preconditioner(None)
+    else:
+        name = f"{run}/{args.preconditioner}-{args.fisher}.pt"
+        factors = _cached(
+            name,
+            lambda: fit_curvature(
+                model,
+                params,
+                loader,
+                spec,
+                method=args.preconditioner,
+                fisher=args.fisher,
+                seed=args.seed,
+                progress=progress,
+            ),
+        )
+        pre = preconditioner(factors, args.damping)
 
-    train_g = flat(per_sample_grads(model, params, (train_x, train_y), chunk_size=500))
-    query_g = flat(per_sample_grads(model, params, (test_x[:3], test_y[:3])))
-    scores = query_g @ train_g.T
-    for q, row in enumerate(scores):
-        top = row.topk(5)
-        pairs = ", ".join(f"{i}:{v:.3g}" for i, v in zip(top.indices.tolist(), top.values.tolist()))
-        print(f"test {1500 + q} (label {test_y[q].item()}): top proponents {pairs}")
+    queries = torch.tensor(args.queries)
+    query_rows = projected_grads(model, params, (data.test_x[queries], data.test_y[queries]), spec)
+    scores = influence(query_rows, store, preconditioner=pre, progress=progress)
+    ids = store.ids()
+    helps = top_k(scores, args.top, ids=ids)
+    hurts = top_k(scores, args.top, ids=ids, largest=False)
+    for i, q in enumerate(args.queries):
+        print(f"test image {q} (label {data.test_y[q].item()}):")
+        for title, best in (("proponents", helps), ("opponents", hurts)):
+            items = ", ".join(
+                f"#{int(t)} (label {data.train_y[int(t)].item()}, {v:+.3g})"
+                for t, v in zip(best.ids[i], best.values[i].tolist(), strict=True)
+            )
+            print(f"  {title}: {items}")
+    png = args.png or (os.path.join(run, "influence.png") if "://" not in run else "influence.png")
+    from .plots import influence_grid
+
+    influence_grid(data, args.queries, helps, hurts, png)
+    print(f"picture: {png}")
 
 
 if __name__ == "__main__":

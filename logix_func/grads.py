@@ -8,9 +8,20 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
-from .batch import LossFn, ModelBatch, sample_loss, unsqueeze_sample
-from .checks import Randomness, check_modes, check_params, vmap_error
+from .batch import Batch, LossFn, ModelBatch, sample_loss, unsqueeze_sample
+from .checks import (
+    Randomness,
+    check_buffers,
+    check_modes,
+    check_options,
+    check_params,
+    vmap_error,
+)
+
+Params = Mapping[str, Float[Tensor, "..."]]
+Grads = dict[str, Float[Tensor, "batch ..."]]
 
 
 def split_weights(
@@ -24,32 +35,36 @@ def split_weights(
 
 def per_sample_grads(
     model: nn.Module,
-    params: Mapping[str, Tensor],
-    batch: Any,
+    params: Params,
+    batch: Batch,
     *,
     loss_fn: LossFn | None = None,
     buffers: Mapping[str, Tensor] | None = None,
     chunk_size: int | None = None,
     randomness: Randomness = "error",
-) -> dict[str, Float[Tensor, "batch *param_shape"]]:
+) -> Grads:
     """Gradient of each sample's loss with respect to ``params``.
 
     Args:
         model: any ``nn.Module``; it is called through ``functional_call`` and never changed.
         params: ``{name: Tensor}``, a subset of ``model.named_parameters()``; the others stay
             fixed at the model's values.
-        batch: ``(inputs, targets)`` or a dict with ``labels`` (see :mod:`logix_func.batch`).
+        batch: ``(inputs, targets)`` or a dict with ``labels`` (see :mod:`logix_func.batch`);
+            every tensor has the batch on its first dimension.
         loss_fn: ``loss_fn(outputs, targets)`` → scalar loss of one sample (batch of one);
             ``None`` = summed cross-entropy (or the model's token loss for dict batches).
-        buffers: buffers to use instead of the model's own.
-        chunk_size: samples per vmap chunk; bounds peak memory at the cost of speed.
+        buffers: buffers to use instead of the model's own (names from ``named_buffers``).
+        chunk_size: samples per vmap call; bounds peak memory to the output plus one chunk's
+            activations and gradients, at some cost in speed.
         randomness: ``"error"`` (default) refuses active dropout, ``"different"`` draws an
             independent mask per sample, ``"same"`` one mask for the batch.
 
     Returns:
         ``{name: [batch, *param.shape]}`` for every entry of ``params``.
     """
+    check_options(chunk_size, randomness)
     check_params(model, params)
+    check_buffers(model, buffers)
     check_modes(model, randomness)
     mb = ModelBatch.from_batch(batch)
     fixed, bufs = split_weights(model, params, buffers)
@@ -60,10 +75,28 @@ def per_sample_grads(
         return loss_of(mb.call(model, (p, fixed, bufs), sample), sample)
 
     per_sample = torch.func.vmap(
-        torch.func.grad(one_loss), in_dims=(None, 0), chunk_size=chunk_size, randomness=randomness
+        torch.func.grad(one_loss), in_dims=(None, 0), randomness=randomness
     )
     detached = {n: p.detach() for n, p in params.items()}
     try:
-        return per_sample(detached, mb.tensors)
+        if chunk_size is None or chunk_size >= mb.size:
+            return per_sample(detached, mb.tensors)
+        return _in_chunks(lambda part: per_sample(detached, part), mb.tensors, mb.size, chunk_size)
     except RuntimeError as err:
         raise vmap_error(err) from err
+
+
+def _in_chunks(fn: Any, tensors: dict[str, Any], size: int, chunk_size: int) -> Grads:
+    """``fn`` over consecutive chunks of the batch, written into one preallocated output.
+
+    Peak memory: the output plus one chunk's activations and gradients (``vmap(chunk_size=)``
+    keeps every chunk's gradients and concatenates them, twice the output).
+    """
+    out: Grads = {}
+    for start in range(0, size, chunk_size):
+        part = tree_map(lambda t, s=start: t[s : s + chunk_size], tensors)
+        for name, g in fn(part).items():
+            if name not in out:
+                out[name] = g.new_empty((size, *g.shape[1:]))
+            out[name][start : start + chunk_size] = g
+    return out

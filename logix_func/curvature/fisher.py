@@ -1,0 +1,130 @@
+"""Which labels curvature logs are computed with: the data's, sampled ones, or all of them.
+
+* ``"empirical"``: the batch's own targets.
+* ``"true"``: targets drawn from the model's predictive distribution (categorical for integer
+  targets, unit-variance Gaussian around the outputs for float targets), one draw per sample.
+* ``"exact"``: the expectation over every label, through pseudo-losses ``⟨v_c, logits⟩`` whose
+  gradients ``v_c`` factor the output Hessian (``Σ_c v_c v_cᵀ = diag(p) − p pᵀ`` for
+  cross-entropy, ``I`` for squared error): one backward pass per class, so for few classes only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..batch import IGNORE_INDEX, ModelBatch, is_causal_lm, logits_of
+from ..grads import split_weights
+from .kfac import Fisher
+
+
+def _with_targets(batch: Any, targets: Tensor) -> Any:
+    if isinstance(batch, Mapping):
+        return {**batch, "labels": targets}
+    return (batch[0], targets)
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, params: Mapping[str, Tensor], mb: ModelBatch) -> Tensor:
+    fixed, bufs = split_weights(model, params)
+    return logits_of(mb.call(model, ({n: p.detach() for n, p in params.items()}, fixed, bufs)))
+
+
+def sample_targets(
+    model: nn.Module, params: Mapping[str, Tensor], batch: Any, *, seed: int = 0
+) -> Any:
+    """``batch`` with its targets replaced by draws from the model's predictive distribution.
+
+    Ignored tokens (-100) stay ignored; for ``*ForCausalLM`` dict batches the draw for token t+1
+    comes from the logits at t. ``seed`` fixes the draw (use a different one per batch).
+    """
+    mb = ModelBatch.from_batch(batch)
+    targets = mb.tensors["targets"]
+    logits = _logits(model, params, mb).float()
+    gen = torch.Generator(device=logits.device).manual_seed(seed)
+    if targets.is_floating_point():
+        noise = torch.randn(logits.shape, generator=gen, device=logits.device)
+        return _with_targets(batch, (logits + noise).to(targets.dtype))
+    shift = isinstance(batch, Mapping) and is_causal_lm(model)
+    if shift:
+        logits = logits[:, :-1]
+    probs = logits.softmax(-1).reshape(-1, logits.shape[-1])
+    drawn = torch.multinomial(probs, 1, generator=gen).reshape(logits.shape[:-1])
+    sampled = targets.clone()
+    if shift:
+        sampled[:, 1:] = torch.where(targets[:, 1:] == IGNORE_INDEX, targets[:, 1:], drawn)
+    else:
+        sampled = torch.where(targets == IGNORE_INDEX, targets, drawn)
+    return _with_targets(batch, sampled)
+
+
+def _pseudo_loss(outputs: Any, direction: Tensor) -> Tensor:
+    return (logits_of(outputs) * direction).sum()
+
+
+def _hessian_factors(logits: Tensor, targets: Tensor) -> list[Tensor]:
+    """``v_c`` with ``Σ_c v_c v_cᵀ`` = the loss's Hessian in the logits, zero on ignored tokens."""
+    classes = logits.shape[-1]
+    eye = torch.eye(classes, dtype=logits.dtype, device=logits.device)
+    if targets.is_floating_point():
+        return [eye[c].expand_as(logits) for c in range(classes)]
+    p = logits.softmax(-1)
+    keep = (targets != IGNORE_INDEX).unsqueeze(-1).to(p.dtype)
+    return [p[..., c : c + 1].sqrt() * (eye[c] - p) * keep for c in range(classes)]
+
+
+def fisher_logs(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    spec: Any,
+    *,
+    fisher: Fisher = "true",
+    seed: int = 0,
+    loss_fn: Any = None,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Projected gradients and KFAC logs of ``batch`` under the chosen Fisher.
+
+    Returns ``(grads, logs)`` as :func:`logix_func.projected_grads` with
+    ``return_activations=True``, plus a label-draw axis D after the batch axis:
+    grads ``{layer: [B, D, k_out, k_in]}``, backprops ``[B, D, T, k_out]`` (D = 1 unless
+    ``fisher="exact"``, where D = number of classes).
+    """
+    from ..logra import projected_grads
+
+    if fisher == "empirical":
+        draws = [(batch, loss_fn)]
+    elif fisher == "true":
+        if loss_fn is not None:
+            raise ValueError(
+                "fisher='true' samples labels for the default losses only; "
+                "pass fisher='empirical' with a custom loss_fn"
+            )
+        draws = [(sample_targets(model, params, batch, seed=seed), None)]
+    elif fisher == "exact":
+        if loss_fn is not None or isinstance(batch, Mapping):
+            raise ValueError(
+                "fisher='exact' supports (inputs, targets) batches with the default "
+                "loss; use fisher='true' for language models or custom losses"
+            )
+        mb = ModelBatch.from_batch(batch)
+        logits = _logits(model, params, mb)
+        draws = [
+            ((batch[0], v), _pseudo_loss) for v in _hessian_factors(logits, mb.tensors["targets"])
+        ]
+    else:
+        raise ValueError(f"fisher must be 'true', 'empirical' or 'exact', got {fisher!r}")
+
+    runs = [
+        projected_grads(model, params, b, spec, loss_fn=fn, return_activations=True)
+        for b, fn in draws
+    ]
+    grads = {n: torch.stack([g[n] for g, _ in runs], dim=1) for n in runs[0][0]}
+    logs = {
+        n: {**log, "backprops": torch.stack([lg[n]["backprops"] for _, lg in runs], dim=1)}
+        for n, log in runs[0][1].items()
+    }
+    return grads, logs

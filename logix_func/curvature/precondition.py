@@ -1,0 +1,84 @@
+"""Preconditioners: callables ``grads -> H⁻¹ grads`` built from finalized curvature factors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from jaxtyping import Float
+from torch import Tensor
+
+from .transform import check_layers
+
+Grads = dict[str, Float[Tensor, "*batch k_out k_in"]]
+
+
+class Preconditioner:
+    """``(H + λI)⁻¹`` per layer, from KFAC/EKFAC factors (``QA``, ``QS``, ``eigenvalues``
+    ``[k_out, k_in]``) or raw factors (``Q``, ``eigenvalues`` ``[k]``).
+
+    ``damping``: ``None`` = 0.1 × the mean eigenvalue of *each* layer; a float is absolute
+    for every layer; a ``{layer: float}`` dict sets each layer. The factors are never changed, so
+    damping does not accumulate across calls. ``.damping`` holds the values used.
+    """
+
+    def __init__(self, factors: Mapping[str, Any], damping: float | Mapping[str, float] | None):
+        self.spec = factors["spec"]
+        self.layers = factors["layers"]
+        if isinstance(damping, Mapping):
+            check_layers(self.layers, damping, "damping layers")
+            self.damping = {n: float(damping[n]) for n in self.layers}
+        elif damping is None:
+            self.damping = {n: 0.1 * f["eigenvalues"].mean().item() for n, f in self.layers.items()}
+        else:
+            if damping < 0:
+                raise ValueError(f"damping must be ≥ 0, got {damping}")
+            self.damping = {n: float(damping) for n in self.layers}
+        for name, value in self.damping.items():
+            lowest = float(self.layers[name]["eigenvalues"].min())
+            if lowest + value > 0:
+                continue
+            if lowest < 0:
+                raise ValueError(
+                    f"layer {name!r} has a negative eigenvalue {lowest:.3g} (an indefinite "
+                    f"Hessian): damping must exceed {-lowest:.3g} for C + λI to be positive "
+                    f"definite, got {value:.3g}"
+                )
+            raise ValueError(
+                f"layer {name!r} has zero eigenvalues: damping must be > 0 to invert it"
+            )
+
+    def __call__(self, grads: Grads) -> Grads:
+        check_layers(self.layers, grads, "gradient layers")
+        return {name: self._apply(name, g) for name, g in grads.items()}
+
+    def _apply(self, name: str, g: Tensor) -> Tensor:
+        f = self.layers[name]
+        inverse = 1.0 / (f["eigenvalues"] + self.damping[name])
+        if "Q" in f:  # raw: full covariance of the flattened gradient
+            q = f["Q"]
+            flat = g.reshape(*g.shape[:-2], -1).to(q.dtype)
+            out = ((flat @ q) * inverse) @ q.T
+            return out.reshape(g.shape).to(g.dtype)
+        qs, qa = f["QS"], f["QA"]
+        rotated = qs.T @ g.to(qs.dtype) @ qa
+        return (qs @ (rotated * inverse) @ qa.T).to(g.dtype)
+
+
+def preconditioner(
+    factors: Mapping[str, Any] | None, damping: float | Mapping[str, float] | None = None
+) -> Preconditioner | IdentityPreconditioner:
+    """A callable ``grads -> (H + λI)⁻¹ grads``; ``factors=None`` gives the identity."""
+    if factors is None:
+        return IdentityPreconditioner()
+    return Preconditioner(factors, damping)
+
+
+class IdentityPreconditioner:
+    """Leaves gradients as they are (plain gradient dot products)."""
+
+    spec = None
+    damping: dict[str, float] = {}
+
+    def __call__(self, grads: Grads) -> Grads:
+        return dict(grads)

@@ -1,0 +1,252 @@
+"""Influence scores, self-influence and top-k, streamed over training rows in chunks.
+
+Rows are ``{layer: [N, k_out, k_in]}`` gradients (projected or full), in memory or in a
+:class:`~logix_func.LogStore`. With ``P`` the preconditioner (≈ H⁻¹ of the mean training loss),
+``k(q, t) = Σ_layers ⟨P g_q, g_t⟩``: positive means training example t *helps* query q (removing
+it raises q's loss by ≈ k(q, t) / N). Scores are not divided by N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal, NamedTuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+Rows = Mapping[str, Tensor]
+Mode = Literal["dot", "cosine", "l2", "relative"]
+Precondition = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+_MODES = ("dot", "cosine", "l2", "relative")
+
+
+class Chunk(NamedTuple):
+    """One slice of training rows: their data ids ``[n]`` and rows ``{layer: [n, ...]}``."""
+
+    ids: Tensor | list
+    rows: dict[str, Tensor]
+
+
+def _identity(grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    return dict(grads)
+
+
+def iter_rows(train: Any, chunk_rows: int) -> Iterator[Chunk]:
+    """Chunks of ``train``: a rows dict (ids ``0..N-1``) or a store (its own chunks and ids)."""
+    if isinstance(train, Mapping):
+        n = _num_rows(train)
+        for start in range(0, n, chunk_rows):
+            stop = min(start + chunk_rows, n)
+            yield Chunk(torch.arange(start, stop), {k: v[start:stop] for k, v in train.items()})
+    else:
+        for ids, rows in train.iter_chunks(chunk_rows=chunk_rows):
+            yield Chunk(ids, rows)
+
+
+def _num_rows(rows: Any) -> int:
+    if isinstance(rows, Mapping):
+        sizes = {v.shape[0] for v in rows.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"rows disagree on their number: {sorted(sizes)}")
+        return sizes.pop()
+    return len(rows)
+
+
+def _check_compatible(query: Rows, train: Any) -> None:
+    expected = (
+        {k: tuple(v.shape[1:]) for k, v in train.items()}
+        if isinstance(train, Mapping)
+        else {k: tuple(s) for k, s in train.schema.layers.items()}
+    )
+    got = {k: tuple(v.shape[1:]) for k, v in query.items()}
+    if set(got) != set(expected):
+        raise ValueError(
+            f"query layers {sorted(got)} do not match the training rows' layers {sorted(expected)}"
+        )
+    for name, shape in got.items():
+        if shape != expected[name]:
+            raise ValueError(
+                f"layer {name!r}: query rows have shape {shape}, training rows {expected[name]} "
+                "(computed with another projection?)"
+            )
+
+
+def _check_finite(chunk: Chunk, what: str = "training") -> None:
+    for name, v in chunk.rows.items():
+        bad = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
+        if bad.any():
+            ids = [chunk.ids[i] for i in bad.nonzero().flatten().tolist()]
+            ids = [int(i) if isinstance(i, Tensor) else i for i in ids]
+            raise ValueError(f"non-finite {what} rows in layer {name!r} for data ids {ids[:10]}")
+
+
+def _check_scores(chunk: Chunk, scores: dict[str, Tensor]) -> None:
+    """A NaN or inf in a row makes its score column non-finite: look for bad ids only then."""
+    if all(bool(torch.isfinite(v).all()) for v in scores.values()):
+        return
+    _check_finite(chunk)
+    raise ValueError("non-finite influence scores from finite rows: the values overflow float32")
+
+
+def _flat(rows: Rows, name: str) -> Tensor:
+    v = rows[name]
+    return v.reshape(v.shape[0], -1).float()
+
+
+def _self_kernel(rows: Rows, pre: Precondition) -> Tensor:
+    conditioned = pre({k: v.float() for k, v in rows.items()})
+    return sum((_flat(conditioned, k) * _flat(rows, k)).sum(1) for k in rows)
+
+
+def influence_chunks(
+    query: Rows,
+    train: Any,
+    *,
+    preconditioner: Precondition | None = None,
+    mode: Mode = "dot",
+    chunk_rows: int = 4096,
+    per_layer: bool = False,
+    progress: bool | None = None,
+) -> Iterator[tuple[Any, Tensor | dict[str, Tensor]]]:
+    """Yield ``(ids [n], scores [Q, n])`` per chunk (``{layer: [Q, n]}`` with ``per_layer``)."""
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if per_layer and mode != "dot":
+        raise ValueError("per_layer scores sum to the total only in mode 'dot'")
+    _check_compatible(query, train)
+    total = _num_rows(train)
+    if total == 0:
+        raise ValueError("the training rows are empty: nothing to score against")
+    pre = preconditioner or _identity
+    _check_finite(Chunk(list(range(_num_rows(query))), dict(query)), "query")
+    conditioned = {k: v.reshape(v.shape[0], -1).float() for k, v in pre(dict(query)).items()}
+    q_self = _self_kernel(query, pre) if mode in ("cosine", "l2") else None
+    show = total > 50_000 if progress is None else progress
+    bar = tqdm(total=total, desc="influence", unit="row", disable=not show)
+    for chunk in iter_rows(train, chunk_rows):
+        layer_scores = {k: conditioned[k] @ _flat(chunk.rows, k).T for k in conditioned}
+        _check_scores(chunk, layer_scores)
+        bar.update(len(chunk.ids))
+        if per_layer:
+            yield chunk.ids, layer_scores
+            continue
+        scores = sum(layer_scores.values())
+        if mode != "dot":
+            t_self = _self_kernel(chunk.rows, pre)
+            if mode == "cosine":
+                scores = scores / (q_self[:, None] * t_self[None, :]).clamp_min(1e-30).sqrt()
+            elif mode == "l2":
+                scores = -(q_self[:, None] - 2 * scores + t_self[None, :])
+            else:
+                scores = scores / t_self.clamp_min(1e-30).sqrt()[None, :]
+        yield chunk.ids, scores
+    bar.close()
+
+
+def influence(
+    query: Rows,
+    train: Any,
+    *,
+    preconditioner: Precondition | None = None,
+    mode: Mode = "dot",
+    chunk_rows: int = 4096,
+    per_layer: bool = False,
+    progress: bool | None = None,
+) -> Float[Tensor, "queries train"] | dict[str, Float[Tensor, "queries train"]]:
+    """Scores ``[Q, N]`` of every training row for every query row.
+
+    Args:
+        query: ``{layer: [Q, k_out, k_in]}`` gradients of the query examples.
+        train: ``{layer: [N, k_out, k_in]}`` rows, or a LogStore.
+        preconditioner: applied once to the query side (``None`` = identity).
+        mode: ``"dot"`` k(q,t); ``"cosine"`` k(q,t)/√(k(q,q)k(t,t)); ``"l2"`` −‖q−t‖²_P;
+            ``"relative"`` (RelatIF) k(q,t)/√k(t,t).
+        chunk_rows: training rows scored per matmul.
+        per_layer: return ``{layer: [Q, N]}`` whose sum is the total (mode ``"dot"``).
+        progress: show a progress bar (default: for more than 50,000 rows).
+    """
+    parts = list(
+        influence_chunks(
+            query,
+            train,
+            preconditioner=preconditioner,
+            mode=mode,
+            chunk_rows=chunk_rows,
+            per_layer=per_layer,
+            progress=progress,
+        )
+    )
+    if per_layer:
+        return {k: torch.cat([s[k] for _, s in parts], 1) for k in parts[0][1]}
+    return torch.cat([s for _, s in parts], 1)
+
+
+def self_influence(
+    train: Any,
+    *,
+    preconditioner: Precondition | None = None,
+    chunk_rows: int = 4096,
+    progress: bool | None = None,
+) -> Float[Tensor, " train"]:
+    """``k(t, t)`` for every training row: ``[N]``, streamed chunk by chunk."""
+    pre = preconditioner or _identity
+    total = _num_rows(train)
+    if total == 0:
+        raise ValueError("the training rows are empty")
+    show = total > 50_000 if progress is None else progress
+    out = []
+    for chunk in tqdm(iter_rows(train, chunk_rows), disable=not show, desc="self-influence"):
+        values = _self_kernel(chunk.rows, pre)
+        _check_scores(chunk, {"self": values})
+        out.append(values)
+    return torch.cat(out)
+
+
+class TopK(NamedTuple):
+    """Best ``k`` training rows per query: data ids and scores, both ``[Q, k]``."""
+
+    ids: Int[Tensor, "queries k"] | list
+    values: Float[Tensor, "queries k"]
+
+
+def top_k(
+    scores: Tensor | Iterable[tuple[Any, Tensor]],
+    k: int,
+    *,
+    largest: bool = True,
+    ids: Tensor | None = None,
+) -> TopK:
+    """The ``k`` largest (proponents) or smallest (opponents, ``largest=False``) scores per query.
+
+    ``scores`` is a ``[Q, N]`` tensor (ids default to ``0..N-1``) or a stream of
+    ``(ids, [Q, n])`` chunks such as :func:`influence_chunks`, merged chunk by chunk so that the
+    full matrix never has to fit in memory.
+    """
+    stream = (
+        [(torch.arange(scores.shape[1]) if ids is None else ids, scores)]
+        if isinstance(scores, Tensor)
+        else scores
+    )
+    best_values: Tensor | None = None
+    best_pos: Tensor | None = None
+    seen: list = []
+    offset = 0
+    for chunk_ids, chunk in stream:
+        pos = torch.arange(offset, offset + chunk.shape[1]).expand(chunk.shape[0], -1)
+        offset += chunk.shape[1]
+        seen.append(chunk_ids)
+        if best_values is not None:
+            chunk, pos = torch.cat([best_values, chunk], 1), torch.cat([best_pos, pos], 1)
+        kk = min(k, chunk.shape[1])
+        best_values, where = chunk.topk(kk, dim=1, largest=largest)
+        best_pos = pos.gather(1, where)
+    if best_values is None:
+        raise ValueError("top_k got no scores")
+    if offset < k:
+        raise ValueError(f"k={k} is larger than the number of training rows ({offset})")
+    if all(isinstance(c, Tensor) for c in seen):
+        return TopK(torch.cat(seen)[best_pos], best_values)
+    flat = [i for c in seen for i in c]
+    return TopK([[flat[p] for p in row] for row in best_pos.tolist()], best_values)

@@ -1,0 +1,141 @@
+"""The attribution pipeline over a data loader, built only from the public pieces.
+
+``log_dataset`` appends projected gradients of every example to a store (resuming where a
+previous run stopped); ``fit_curvature`` runs the KFAC (and EKFAC) passes and returns factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .batch import ModelBatch
+from .curvature import ekfac, fisher_logs, kfac, raw
+from .curvature.kfac import Fisher
+from .curvature.transform import layer_dims
+from .logra import projected_grads
+from .store import LogStore, StoreSchema, model_fingerprint
+
+IdsFn = Callable[[Any, int], Tensor | list]
+
+
+def position_ids(batch: Any, offset: int) -> Tensor:
+    """Data ids = positions in the loader's order (needs a loader without shuffling)."""
+    return torch.arange(offset, offset + ModelBatch.from_batch(batch).size)
+
+
+def take(batch: Any, index: Tensor) -> Any:
+    """The samples of ``batch`` at ``index`` (every tensor leaf indexed on its first axis)."""
+    pick = lambda v: v[index] if isinstance(v, Tensor) else v  # noqa: E731
+    if isinstance(batch, Mapping):
+        return {k: pick(v) for k, v in batch.items()}
+    inputs, targets = batch
+    inputs = tuple(pick(v) for v in inputs) if isinstance(inputs, (tuple, list)) else pick(inputs)
+    return (inputs, pick(targets))
+
+
+def store_schema(model: nn.Module, spec: Any, dtype: torch.dtype = torch.float32) -> StoreSchema:
+    """The schema of a store of ``spec``'s projected gradients of ``model``."""
+    layers = layer_dims(spec)
+    return StoreSchema(
+        layers=layers, dtype=dtype, spec=spec.to_dict(), fingerprint=model_fingerprint(model)
+    )
+
+
+def log_dataset(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    loader: Iterable[Any],
+    spec: Any,
+    store: LogStore | str,
+    *,
+    loss_fn: Any = None,
+    ids: IdsFn = position_ids,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> LogStore:
+    """Append the projected gradient of every example of ``loader`` to ``store``.
+
+    ``store`` is an open LogStore or a URL (created with :func:`store_schema` if absent).
+    Examples whose data id is already committed are skipped, so a rerun after a crash resumes
+    without duplicates or gaps. ``ids(batch, offset)`` names the examples of a batch
+    (default: positions in the loader's order). Returns the store, flushed.
+    """
+    if isinstance(store, str):
+        store = LogStore.create(store, store_schema(model, spec, dtype), exist_ok=True)
+    expected = spec.to_dict()
+    if store.schema.spec != expected:
+        raise ValueError(
+            f"the store at {store.url} was written with another projection spec; "
+            "log to a new store or use the spec it records (ProjectionSpec.from_dict)"
+        )
+    done = store.committed_ids()
+    offset = 0
+    total = len(loader) if hasattr(loader, "__len__") else None
+    for batch in tqdm(loader, total=total, desc="logging", unit="batch", disable=not progress):
+        batch_ids = ids(batch, offset)
+        offset += len(batch_ids)
+        keys = batch_ids.tolist() if isinstance(batch_ids, Tensor) else list(batch_ids)
+        todo = [i for i, key in enumerate(keys) if key not in done]
+        if not todo:
+            continue
+        if len(todo) < len(keys):
+            index = torch.tensor(todo)
+            batch = take(batch, index)
+            picked = [keys[i] for i in todo]
+            batch_ids = batch_ids[index] if isinstance(batch_ids, Tensor) else picked
+        rows = projected_grads(model, params, batch, spec, loss_fn=loss_fn)
+        store.append(batch_ids, {k: v.to(dtype) for k, v in rows.items()})
+    store.flush()
+    return store
+
+
+def fit_curvature(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    loader: Iterable[Any],
+    spec: Any,
+    *,
+    method: Literal["kfac", "ekfac", "raw"] = "ekfac",
+    fisher: Fisher = "true",
+    seed: int = 0,
+    loss_fn: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Curvature factors of ``model`` over ``loader`` (one pass; two for EKFAC).
+
+    Batch ``i`` draws its labels with seed ``seed + i`` (``fisher="true"``), the same in both
+    EKFAC passes, so the eigenvalue correction sees the labels the factors were fitted on.
+    """
+
+    def passes(desc: str):
+        bar = tqdm(loader, desc=desc, unit="batch", disable=not progress)
+        for i, batch in enumerate(bar):
+            yield fisher_logs(
+                model, params, batch, spec, fisher=fisher, seed=seed + i, loss_fn=loss_fn
+            )
+
+    if method == "raw":
+        transform = raw()
+        state = transform.init(spec)
+        for grads, _ in passes("raw covariance"):
+            state = transform.update(state, grads)
+        return transform.finalize(state)
+    if method not in ("kfac", "ekfac"):
+        raise ValueError(f"method must be 'kfac', 'ekfac' or 'raw', got {method!r}")
+    k = kfac(fisher)
+    state = k.init(spec)
+    for _, logs in passes("KFAC"):
+        state = k.update(state, logs)
+    factors = k.finalize(state)
+    if method == "kfac":
+        return factors
+    e = ekfac(factors)
+    state = e.init()
+    for grads, _ in passes("EKFAC"):
+        state = e.update(state, grads)
+    return e.finalize(state)

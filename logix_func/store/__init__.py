@@ -1,0 +1,26 @@
+"""Logs on tensorstore (zarr v3): crash-safe, resumable, concurrent writers; see docs/store.md."""
+
+from .errors import (
+    DuplicateIdError,
+    NotAStoreError,
+    SchemaError,
+    StoreError,
+    StoreIOError,
+    WriterConflictError,
+)
+from .logstore import LogStore
+from .reader import LogDataset
+from .schema import StoreSchema, model_fingerprint
+
+__all__ = [
+    "DuplicateIdError",
+    "LogDataset",
+    "LogStore",
+    "NotAStoreError",
+    "SchemaError",
+    "StoreError",
+    "StoreIOError",
+    "StoreSchema",
+    "WriterConflictError",
+    "model_fingerprint",
+]

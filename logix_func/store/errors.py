@@ -1,0 +1,33 @@
+"""Errors raised by the store; all derive from :class:`StoreError`."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class of the store's errors."""
+
+
+class SchemaError(StoreError, ValueError):
+    """Rows, ids or a schema do not match the store's schema."""
+
+
+class DuplicateIdError(StoreError, ValueError):
+    """A data id would be stored twice."""
+
+
+class NotAStoreError(StoreError, FileNotFoundError):
+    """The URL holds no store."""
+
+
+class WriterConflictError(StoreError):
+    """Another process writes the same shard."""
+
+
+class StoreIOError(StoreError, OSError):
+    """Reading or writing the underlying storage failed (permissions, full disk, network)."""
+
+
+def listed(items: list, limit: int = 10) -> str:
+    """The first ``limit`` items, repr'd, and how many more there are."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(map(repr, items[:limit])) + more

@@ -1,0 +1,277 @@
+"""``LogStore``: rows keyed by data id on tensorstore (zarr v3), crash-safe and resumable."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import numpy as np
+from jaxtyping import Float
+from torch import Tensor
+
+from .errors import DuplicateIdError, NotAStoreError, SchemaError, StoreError, listed
+from .layout import ATTRS_NAME, GROUP_KEY, Root, wait
+from .reader import Ids, LogDataset, Snapshot
+from .schema import StoreSchema
+from .writer import ShardWriter
+
+OnDuplicate = Literal["error", "skip"]
+
+
+def _stored_attrs(group: Any, url: str) -> dict:
+    attrs = group.get("attributes", {}) if isinstance(group, dict) else {}
+    if ATTRS_NAME not in attrs:
+        kind = group.get("node_type", "file") if isinstance(group, dict) else "file"
+        raise NotAStoreError(f"{url} holds a zarr {kind}, not a logix_func store")
+    return attrs[ATTRS_NAME]
+
+
+class LogStore:
+    """Rows ``{layer: [*shape]}`` keyed by unique data ids, in a zarr v3 store at ``url``.
+
+    Use :meth:`create` or :meth:`open`. Every writer (e.g. one per rank, ``writer=rank``)
+    appends to its own shard; readers see the committed rows of all shards, ordered by writer
+    id, then append order. Rows become visible only once committed: after a chunk of rows is
+    durable, or after :meth:`flush` / :meth:`close`. A writer that dies loses only uncommitted
+    rows; reopen with the same ``writer`` and skip :meth:`committed_ids` to resume.
+    """
+
+    def __init__(
+        self,
+        root: Root,
+        attrs: dict,
+        mode: Literal["r", "a"],
+        writer: int,
+        on_duplicate: OnDuplicate,
+        max_inflight: int,
+    ):
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        if on_duplicate not in ("error", "skip"):
+            raise ValueError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
+        if not isinstance(writer, int) or writer < 0:
+            raise ValueError(f"writer must be a non-negative int (e.g. the rank), got {writer!r}")
+        self._root = root
+        self.url = root.url
+        self.attrs = attrs
+        self.schema = StoreSchema.from_json(attrs["schema"])
+        self.writer = writer
+        self.on_duplicate = on_duplicate
+        self._snapshot: Snapshot | None = None
+        self._shard: ShardWriter | None = None
+        self._failed: Exception | None = None
+        if mode == "a":
+            self._shard = ShardWriter(root, self.schema, writer, max_inflight)
+            self._seen = self.committed_ids()
+
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        schema: StoreSchema,
+        *,
+        writer: int = 0,
+        exist_ok: bool = False,
+        on_duplicate: OnDuplicate = "error",
+        max_inflight: int = 4,
+        durable: bool = True,
+    ) -> LogStore:
+        """Create a store at ``url`` and open it for appending as ``writer``.
+
+        Args:
+            url: local path, ``memory://name`` or any tensorstore kvstore URL (``gs://``, ...).
+            schema: the rows' layout, see :class:`StoreSchema`.
+            writer: this process's shard (e.g. its rank); one process per writer id at a time.
+            exist_ok: open an existing store instead of failing, if its schema is ``schema``.
+            on_duplicate: ``"error"`` on a data id already stored, or ``"skip"`` its row.
+            max_inflight: chunk writes pending before :meth:`append` waits.
+            durable: fsync local files before committing (off: survives process crashes only).
+        """
+        root = Root(url, durable)
+        info = {
+            "schema": schema.to_json(),
+            "version": _version(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        group = {"zarr_format": 3, "node_type": "group", "attributes": {ATTRS_NAME: info}}
+        existing, generation = root.read_json(GROUP_KEY)
+        if existing is None:
+            written = wait(root.write_json(GROUP_KEY, group, generation), f"creating {url}")
+            if not written.generation:  # another process created it meanwhile
+                existing, _ = root.read_json(GROUP_KEY)
+        if existing is not None:
+            info = _stored_attrs(existing, url)
+            if not exist_ok:
+                raise StoreError(
+                    f"{url} already holds a store; open it with LogStore.open(url, mode='a') "
+                    "or pass exist_ok=True"
+                )
+            differences = StoreSchema.from_json(info["schema"]).differences(schema)
+            if differences:
+                raise SchemaError(f"{url} holds a different schema: " + "; ".join(differences))
+        return cls(root, info, "a", writer, on_duplicate, max_inflight)
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        mode: Literal["r", "a"] = "r",
+        *,
+        writer: int = 0,
+        on_duplicate: OnDuplicate = "error",
+        max_inflight: int = 4,
+        durable: bool = True,
+    ) -> LogStore:
+        """Open the store at ``url`` to read (``mode="r"``) or to append as ``writer`` (``"a"``)."""
+        root = Root(url, durable)
+        group, _ = root.read_json(GROUP_KEY)
+        if group is None:
+            raise NotAStoreError(
+                f"no logix_func store at {url} (it has no zarr.json); "
+                "create one with LogStore.create(url, schema)"
+            )
+        return cls(root, _stored_attrs(group, url), mode, writer, on_duplicate, max_inflight)
+
+    # writing
+
+    def append(self, data_ids: Any, rows: Mapping[str, Float[Tensor, "batch ..."]]) -> int:
+        """Queue rows ``{layer: [B, *shape]}`` of ``B`` data ids for writing; returns how many
+        rows were taken (fewer than ``B`` only with ``on_duplicate="skip"``).
+
+        Writes run in the background (at most ``max_inflight`` chunks pending): the caller's
+        next batch computes meanwhile. Storage errors surface here or in :meth:`flush`.
+        """
+        if self._shard is None:
+            raise StoreError(f"{self.url} is open for reading; open it with mode='a' to append")
+        if self._failed is not None:
+            raise StoreError(f"writing {self.url} failed earlier: {self._failed}")
+        raw, keys = self.schema.encode_ids(data_ids)
+        arrays = self.schema.rows_to_numpy(rows, len(keys))
+        if len(set(keys)) != len(keys):
+            repeated = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+            raise DuplicateIdError(f"data ids repeated within the batch: {listed(repeated)}")
+        if not self._seen.isdisjoint(keys):
+            stored = [k for k in keys if k in self._seen]
+            if self.on_duplicate == "error":
+                raise DuplicateIdError(
+                    f"data ids already in {self.url}: {listed(stored)} (skip them with "
+                    "committed_ids(), or open the store with on_duplicate='skip')"
+                )
+            keep = np.array([k not in self._seen for k in keys])
+            raw, keys = raw[keep], [k for k in keys if k not in self._seen]
+            arrays = {name: a[keep] for name, a in arrays.items()}
+        try:
+            self._shard.append(raw, arrays)
+        except Exception as e:
+            self._failed = e
+            raise
+        self._seen.update(keys)
+        return len(keys)
+
+    def flush(self) -> None:
+        """Wait for every pending write and commit all appended rows."""
+        if self._shard is None:
+            return
+        if self._failed is not None:
+            raise StoreError(f"writing {self.url} failed earlier: {self._failed}")
+        try:
+            self._shard.flush()
+        except Exception as e:
+            self._failed = e
+            raise
+        self._snapshot = None
+
+    def close(self) -> None:
+        """Flush and stop writing; the store stays readable."""
+        if self._shard is not None and self._failed is None:
+            self.flush()
+        self._shard = None
+
+    def __enter__(self) -> LogStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        shard = getattr(self, "_shard", None)
+        if shard is not None and self._failed is None and shard.pending():
+            warnings.warn(
+                f"LogStore {self.url} was not closed: appended rows are not committed; "
+                "call close() or use a with block",
+                ResourceWarning,
+                stacklevel=2,
+            )
+
+    # reading
+
+    def __len__(self) -> int:
+        """Committed rows, as of opening (or the last :meth:`flush` / :meth:`refresh`)."""
+        return len(self._snap())
+
+    def refresh(self) -> None:
+        """See rows committed by other writers since the store was opened."""
+        self._snapshot = None
+
+    def ids(self) -> Ids:
+        """All committed data ids in read order: an int64 tensor, or a list of strings."""
+        return self._snap().decode(self._snap().all_ids())
+
+    def committed_ids(self) -> set:
+        """The set of committed data ids: skip these when resuming a logging loop."""
+        return set(self._snap().keys(self._snap().index()[0]))
+
+    def iter_chunks(
+        self,
+        layers: Sequence[str] | None = None,
+        chunk_rows: int | None = None,
+        prefetch: int = 2,
+    ) -> Iterator[tuple[Ids, dict[str, Tensor]]]:
+        """Yield ``(ids, {layer: [n, *shape]})`` over all committed rows in read order.
+
+        ``n <= chunk_rows`` (default: the stored chunk size; a chunk never spans two writers'
+        shards); ``prefetch`` further chunks are read in the background.
+        """
+        chunk_rows = self.schema.chunk_rows if chunk_rows is None else int(chunk_rows)
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+        return self._snap().chunks(layers, chunk_rows, max(0, prefetch))
+
+    def read(
+        self, data_ids: Any, layers: Sequence[str] | None = None
+    ) -> dict[str, Float[Tensor, "n ..."]]:
+        """Rows ``{layer: [n, *shape]}`` of ``data_ids``, in the order given."""
+        snap = self._snap()
+        raw, keys = self.schema.encode_ids(data_ids)
+        sorted_ids, order = snap.index()
+        query = snap.column(raw)
+        at = np.searchsorted(sorted_ids, query).clip(max=max(len(sorted_ids) - 1, 0))
+        found = (sorted_ids[at] == query) if len(sorted_ids) else np.zeros(len(query), bool)
+        if not found.all():
+            missing = [k for k, f in zip(keys, found, strict=True) if not f]
+            raise KeyError(f"data ids not in {self.url}: {listed(missing)}")
+        return snap.read_positions(order[at], layers)[1]
+
+    def dataset(self, layers: Sequence[str] | None = None) -> LogDataset:
+        """A map-style ``torch.utils.data.Dataset`` over the committed rows (see LogDataset)."""
+        return LogDataset(self.url, self._snap().counts, layers)
+
+    def __repr__(self) -> str:
+        mode = "a" if self._shard is not None else "r"
+        layers = list(self.schema.layers)
+        return f"LogStore({self.url!r}, mode={mode!r}, rows={len(self)}, layers={layers})"
+
+    # helpers
+
+    def _snap(self) -> Snapshot:
+        if self._snapshot is None:
+            self._snapshot = Snapshot.take(self._root, self.schema)
+        return self._snapshot
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

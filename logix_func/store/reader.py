@@ -1,0 +1,208 @@
+"""Reading committed rows: a snapshot of every writer's commit marker, in writer then row order."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import DuplicateIdError, listed
+from .layout import Root, marker_key, wait
+from .schema import StoreSchema, numpy_to_tensor
+from .writer import shard_arrays
+
+Ids = Tensor | list[str]
+
+
+class Snapshot:
+    """Committed rows of every writer at one moment; position ``i`` is the ``i``-th row in
+    writer-id order, then append order."""
+
+    def __init__(self, root: Root, schema: StoreSchema, counts: Sequence[tuple[int, int]]):
+        self.root, self.schema = root, schema
+        self.counts = [(w, n) for w, n in counts if n > 0]
+        self.offsets = np.cumsum([0] + [n for _, n in self.counts])
+        self._arrays: dict[int, dict] = {}
+        self._index: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def take(cls, root: Root, schema: StoreSchema) -> Snapshot:
+        writers = root.writers()
+        markers = [root.read_json(marker_key(w))[0] for w in writers]
+        return cls(
+            root, schema, [(w, int(m["rows"])) for w, m in zip(writers, markers, strict=True) if m]
+        )
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def arrays(self, writer: int) -> dict:
+        if writer not in self._arrays:
+            self._arrays[writer] = shard_arrays(self.root, self.schema, writer, create=False)
+        return self._arrays[writer]
+
+    def _keys(self, layers: Sequence[str] | None) -> list[str]:
+        names = list(self.schema.layers) if layers is None else list(layers)
+        unknown = [n for n in names if n not in self.schema.layers]
+        if unknown:
+            raise KeyError(f"layers {unknown} not in the store (it has {list(self.schema.layers)})")
+        return ["ids"] + [f"layers/{n}" for n in names]
+
+    def _start_read(self, writer: int, index: Any, keys: list[str]) -> dict:
+        arrays = self.arrays(writer)
+        return {k: arrays[k][index].read() for k in keys}
+
+    def _finish(self, futures: dict) -> tuple[Ids, dict[str, Tensor]]:
+        ids = self.decode(self.column(wait(futures.pop("ids"), f"reading ids of {self.root.url}")))
+        rows = {}
+        for key, future in futures.items():
+            name = key[len("layers/") :]
+            data = wait(future, f"reading layer {name} of {self.root.url}")
+            rows[name] = numpy_to_tensor(data).view(len(data), *self.schema.layers[name])
+        return ids, rows
+
+    def column(self, raw: np.ndarray) -> np.ndarray:
+        """Stored ids ``[n, width]`` as a 1-d array: int64, or fixed-width bytes for strings."""
+        if self.schema.ids == "int":
+            return np.ascontiguousarray(raw[:, 0])
+        return np.ascontiguousarray(raw).view(f"S{self.schema.id_bytes}")[:, 0]
+
+    def keys(self, column: np.ndarray) -> list:
+        """Python ids (int or str) of an id column."""
+        return column.tolist() if self.schema.ids == "int" else [b.decode() for b in column]
+
+    def decode(self, column: np.ndarray) -> Ids:
+        """Ids as users see them: an int64 tensor, or a list of strings."""
+        return torch.from_numpy(column) if self.schema.ids == "int" else self.keys(column)
+
+    def all_ids(self) -> np.ndarray:
+        """Every committed id in position order, as a :meth:`column`."""
+        futures = [self.arrays(w)["ids"][:n].read() for w, n in self.counts]
+        parts = [self.column(wait(f, f"reading ids of {self.root.url}")) for f in futures]
+        empty = np.zeros(0, np.int64 if self.schema.ids == "int" else f"S{self.schema.id_bytes}")
+        return np.concatenate(parts) if parts else empty
+
+    def index(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(sorted ids, their positions)``; an id stored twice raises DuplicateIdError."""
+        if self._index is None:
+            ids = self.all_ids()
+            order = np.argsort(ids, kind="stable")
+            ordered = ids[order]
+            repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+            if len(repeated):
+                raise DuplicateIdError(
+                    f"data ids stored more than once in {self.root.url} (two writers logged "
+                    f"them): {listed(self.keys(repeated))}"
+                )
+            self._index = (ordered, order)
+        return self._index
+
+    def chunks(
+        self, layers: Sequence[str] | None, chunk_rows: int, prefetch: int
+    ) -> Iterator[tuple[Ids, dict[str, Tensor]]]:
+        """Row ranges of at most ``chunk_rows`` (never across shards), ``prefetch`` read ahead."""
+        keys = self._keys(layers)
+        pieces = iter(
+            (w, a, min(a + chunk_rows, n)) for w, n in self.counts for a in range(0, n, chunk_rows)
+        )
+        pending: deque[dict] = deque()
+        for _ in range(prefetch + 1):
+            piece = next(pieces, None)
+            if piece is not None:
+                pending.append(self._start_read(piece[0], slice(piece[1], piece[2]), keys))
+        while pending:
+            futures = pending.popleft()
+            piece = next(pieces, None)
+            if piece is not None:
+                pending.append(self._start_read(piece[0], slice(piece[1], piece[2]), keys))
+            yield self._finish(futures)
+
+    def read_positions(
+        self, positions: np.ndarray, layers: Sequence[str] | None
+    ) -> tuple[Ids, dict[str, Tensor]]:
+        """Rows at global ``positions`` (any order, repeats allowed), in that order."""
+        keys = self._keys(layers)
+        if len(positions) == 0:
+            ids = torch.zeros(0, dtype=torch.int64) if self.schema.ids == "int" else []
+            shapes = {
+                k[len("layers/") :]: self.schema.layers[k[len("layers/") :]] for k in keys[1:]
+            }
+            return ids, {n: torch.zeros(0, *s, dtype=self.schema.dtype) for n, s in shapes.items()}
+        if positions.min() < 0 or positions.max() >= len(self):
+            raise IndexError(f"positions out of range for a store of {len(self)} rows")
+        shard = np.searchsorted(self.offsets, positions, side="right") - 1
+        parts = []
+        for s in np.unique(shard):
+            where = np.flatnonzero(shard == s)
+            local = positions[where] - self.offsets[s]
+            order = np.argsort(local, kind="stable")
+            parts.append((where[order], self._start_read(self.counts[s][0], local[order], keys)))
+        raw: dict[str, np.ndarray] = {}
+        for where, futures in parts:
+            for key, future in futures.items():
+                data = wait(future, f"reading {key} of {self.root.url}")
+                if key not in raw:
+                    raw[key] = np.empty((len(positions), data.shape[1]), data.dtype)
+                raw[key][where] = data
+        return self._finish({k: _Done(v) for k, v in raw.items()})
+
+
+class _Done:
+    """An already available result with the ``result()`` of a future."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+class LogDataset(torch.utils.data.Dataset):
+    """Rows of a store as a map-style ``Dataset``: item ``i`` is ``(data id, {layer: row})``.
+
+    It holds the URL and a snapshot of row counts, and opens the store lazily in each process.
+    tensorstore aborts in a process forked after it was used, so DataLoader workers must be
+    started with ``multiprocessing_context="spawn"`` (or ``"forkserver"``); a forked copy raises
+    a clear error instead of crashing.
+    """
+
+    def __init__(self, url: str, counts: Sequence[tuple[int, int]], layers: Sequence[str] | None):
+        self.url, self.counts, self.layers = url, list(counts), layers
+        self._snapshot: Snapshot | None = None
+        self._pid: int | None = os.getpid()
+
+    def __len__(self) -> int:
+        return sum(n for _, n in self.counts)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_snapshot": None, "_pid": None}
+
+    def _open(self) -> Snapshot:
+        if self._pid not in (None, os.getpid()):
+            raise RuntimeError(
+                "LogDataset used in a forked process: tensorstore cannot run after fork(). "
+                "Create the DataLoader with multiprocessing_context='spawn' (or 'forkserver')."
+            )
+        if self._snapshot is None:
+            from .logstore import LogStore
+
+            store = LogStore.open(self.url)
+            self._snapshot = Snapshot(store._root, store.schema, self.counts)
+            self._pid = os.getpid()
+        return self._snapshot
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Tensor]]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, dict[str, Tensor]]]:
+        """A batch of items read at once (DataLoader calls this with a batch of indices)."""
+        n = len(self)
+        positions = np.asarray([i + n if i < 0 else i for i in indices], dtype=np.int64)
+        ids, rows = self._open().read_positions(positions, self.layers)
+        ids = ids.tolist() if isinstance(ids, Tensor) else ids
+        return [(ids[j], {k: v[j] for k, v in rows.items()}) for j in range(len(positions))]

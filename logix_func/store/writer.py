@@ -1,0 +1,143 @@
+"""One writer's shard: rows gather into chunk buffers, full chunks are written asynchronously,
+and the commit marker moves forward once every array's chunk is durable."""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+
+import numpy as np
+
+from .errors import WriterConflictError
+from .layout import Root, array_metadata, marker_key, shard_path, wait
+from .schema import DTYPE_NAMES, StoreSchema
+
+
+def shard_arrays(root: Root, schema: StoreSchema, writer: int, create: bool) -> dict:
+    """``{"ids": array, "layers/<name>": array}`` of one shard (created when ``create``)."""
+
+    def meta(size: int, data_type: str, itemsize: int) -> dict | None:
+        if not create:
+            return None
+        return array_metadata(size, data_type, schema.chunk_rows, schema.codec, itemsize)
+
+    id_meta = meta(1, "int64", 8) if schema.ids == "int" else meta(schema.id_bytes, "uint8", 1)
+    arrays = {"ids": root.array(shard_path(writer), id_meta)}
+    item = schema.dtype.itemsize
+    for name, size in schema.row_sizes.items():
+        layer_meta = meta(size, DTYPE_NAMES[schema.dtype], item)
+        arrays[f"layers/{name}"] = root.array(shard_path(writer, name), layer_meta)
+    return arrays
+
+
+class ShardWriter:
+    """Appends to shard ``writer``; at most ``max_inflight`` chunk writes are pending at once."""
+
+    def __init__(self, root: Root, schema: StoreSchema, writer: int, max_inflight: int):
+        self.root, self.schema, self.writer = root, schema, writer
+        self.max_inflight = max_inflight
+        self.key = marker_key(writer)
+        self.owner = uuid.uuid4().hex
+        marker, generation = root.read_json(self.key)
+        self.committed = 0 if marker is None else int(marker["rows"])
+        self.generation = generation
+        self.marker = self._write_marker(self.committed)
+        self._check_marker()  # claims the shard: fails if another process claimed it meanwhile
+        self.arrays = shard_arrays(root, schema, writer, create=True)
+        rows = schema.chunk_rows
+        self.start = self.committed - self.committed % rows  # first row of the current chunk
+        self.fill = self.committed - self.start  # rows of the current chunk held in buffers
+        self.buffers = self._new_buffers()
+        for key, array in self.arrays.items():  # resuming inside a chunk: keep its rows
+            if self.fill:
+                part = wait(array[self.start : self.committed].read(), "reading the last chunk")
+                self.buffers[key][: self.fill] = part
+        self.inflight: deque[tuple[int, list]] = deque()  # (rows once landed, write futures)
+        self.landed = self.committed  # rows durable in the arrays
+
+    def pending(self) -> bool:
+        """Whether appended rows await a commit."""
+        return self.committed < self.start + self.fill
+
+    def _new_buffers(self) -> dict[str, np.ndarray]:
+        rows = self.schema.chunk_rows
+        return {
+            k: np.empty((rows, a.shape[1]), a.dtype.numpy_dtype) for k, a in self.arrays.items()
+        }
+
+    def append(self, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+        """Append ``ids [B, id width]`` and ``rows {layer: [B, size]}`` (already checked)."""
+        batch = {"ids": ids, **{f"layers/{name}": a for name, a in rows.items()}}
+        chunk, done = self.schema.chunk_rows, 0
+        while done < len(ids):
+            take = min(chunk - self.fill, len(ids) - done)
+            for key, buffer in self.buffers.items():
+                buffer[self.fill : self.fill + take] = batch[key][done : done + take]
+            self.fill += take
+            done += take
+            if self.fill == chunk:
+                self._submit(handover=True)
+                self.start, self.fill = self.start + chunk, 0
+                self.buffers = self._new_buffers()
+        self._drain(self.max_inflight)
+
+    def flush(self) -> None:
+        """Write the partial chunk, wait for every write, and commit all appended rows."""
+        if self.fill and self.start + self.fill > self.landed:
+            for buffer in self.buffers.values():
+                buffer[self.fill :] = 0
+            self._submit(handover=False)
+        self._drain(0)
+        self._check_marker()
+        self._commit()
+        self._check_marker()
+
+    def _submit(self, handover: bool) -> None:
+        """Start writing the current chunk, always whole (rows past ``fill`` are uncommitted).
+
+        A full chunk's buffers are handed over to tensorstore (no copy, never touched again);
+        a partial chunk is copied, as its buffers keep filling.
+        """
+        end = self.start + self.schema.chunk_rows
+        futures = [
+            a[self.start : end]
+            .write(self.buffers[k], can_reference_source_data_indefinitely=handover)
+            .commit
+            for k, a in self.arrays.items()
+        ]
+        self.inflight.append((self.start + self.fill, futures))
+
+    def _drain(self, limit: int) -> None:
+        """Wait until at most ``limit`` chunks are in flight; commit what has landed."""
+        while self.inflight and (
+            len(self.inflight) > limit or all(f.done() for f in self.inflight[0][1])
+        ):
+            end, futures = self.inflight.popleft()
+            for future in futures:
+                wait(future, f"writing rows of {self.root.url}")
+            self.landed = end
+        if self.marker is None or self.marker.done():  # else commit later: never block on it
+            self._check_marker()
+            self._commit()
+
+    def _commit(self) -> None:
+        """Start moving the commit marker to the rows that have landed."""
+        if self.landed > self.committed:
+            self.marker = self._write_marker(self.landed)
+            self.committed = self.landed
+
+    def _write_marker(self, rows: int):
+        return self.root.write_json(self.key, {"rows": rows, "owner": self.owner}, self.generation)
+
+    def _check_marker(self) -> None:
+        """Wait for the last marker write; it must have found the marker we wrote before."""
+        if self.marker is None:
+            return
+        generation = wait(self.marker, f"committing rows of {self.root.url}").generation
+        self.marker = None
+        if not generation:
+            raise WriterConflictError(
+                f"writer {self.writer} of {self.root.url} is used by another process: its commit "
+                "marker changed under us; give every concurrent writer its own writer id"
+            )
+        self.generation = generation

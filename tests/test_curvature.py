@@ -1,0 +1,266 @@
+"""KFAC, EKFAC and raw curvature against explicit dense matrices."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import logix_func as lf
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def layer_matrix_grads(model, x):
+    """Per-layer Jacobians of the logits w.r.t. [W | b]: {layer: [N, C, out*(in+1)]}."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    params = dict(model.named_parameters())
+    jac = {}
+    for name, m in linears.items():
+        wb = torch.cat([m.weight, m.bias[:, None]], 1).detach()
+
+        def logits(wb, xi, name=name):
+            p = {**params, f"{name}.weight": wb[:, :-1], f"{name}.bias": wb[:, -1]}
+            return torch.func.functional_call(model, p, (xi[None],))[0]
+
+        j = torch.func.vmap(torch.func.jacrev(logits), in_dims=(None, 0))(wb, x)
+        jac[name] = j.flatten(2)
+    return jac
+
+
+def dense_ggn_blocks(model, x, targets):
+    """Block-diagonal GGN of the mean loss, one dense block per Linear layer."""
+    out = model(x)
+    if targets.is_floating_point():
+        hess = torch.eye(out.shape[1]).expand(len(x), -1, -1)
+    else:
+        p = out.softmax(-1)
+        hess = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return {
+        n: torch.einsum("nci,ncd,ndj->ij", j, hess, j) / len(x)
+        for n, j in layer_matrix_grads(model, x).items()
+    }
+
+
+def fit(model, batch, fisher, *, chunks=1, transform=None):
+    params = dict(model.named_parameters())
+    spec = lf.logra(model, rank=None)
+    k = transform or lf.kfac(fisher, dtype=torch.float64)
+    state = k.init(spec)
+    xs, ys = batch[0].chunk(chunks), batch[1].chunk(chunks)
+    for i, (xc, yc) in enumerate(zip(xs, ys)):
+        _, logs = lf.fisher_logs(model, params, (xc, yc), spec, fisher=fisher, seed=i)
+        state = k.update(state, logs)
+    return spec, state, k.finalize(state)
+
+
+def apply_dense(block, damping, g):
+    eye = torch.eye(block.shape[0])
+    return torch.linalg.solve(block + damping * eye, g.reshape(-1)).reshape(g.shape)
+
+
+def random_grads(model, n=3):
+    return {
+        name: torch.randn(n, m.out_features, m.in_features + 1)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    }
+
+
+@pytest.mark.parametrize(
+    "make_model",
+    [
+        lambda: nn.Linear(5, 4),
+        lambda: nn.Sequential(nn.Linear(5, 6), nn.Linear(6, 4), nn.Linear(4, 3)),
+    ],
+    ids=["one-layer", "deep-linear"],
+)
+def test_kfac_is_exact_where_theory_says_so(make_model):
+    model = make_model()
+    x = torch.randn(40, 5)
+    y = torch.randn(40, model(x).shape[1])
+    _, _, factors = fit(model, (x, y), "exact")
+    blocks = dense_ggn_blocks(model, x, y)
+    pre = lf.preconditioner(factors, damping=1e-3)
+    grads = random_grads(model)
+    got = pre(grads)
+    for name, g in grads.items():
+        for i in range(len(g)):
+            want = apply_dense(blocks[name], 1e-3, g[i])
+            torch.testing.assert_close(got[name][i], want, rtol=1e-6, atol=1e-8)
+
+
+def test_ekfac_is_at_least_as_close_as_kfac_on_an_mlp():
+    """EKFAC is the best diagonal in KFAC's eigenbasis, so it is closer to the dense GGN block;
+    its damped inverse is also closer on the training gradients (the directions influence uses).
+    """
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+    x, y = torch.randn(64, 6), torch.randint(0, 5, (64,))
+    params = dict(model.named_parameters())
+    spec, _, kf = fit(model, (x, y), "exact")
+    ek = lf.ekfac(kf)
+    grads, _ = lf.fisher_logs(model, params, (x, y), spec, fisher="exact")
+    ek_factors = ek.finalize(ek.update(ek.init(), grads))
+    train_grads = lf.projected_grads(model, params, (x, y), spec)
+    for name, block in dense_ggn_blocks(model, x, y).items():
+        d = block.shape[0]
+        damping = 0.1 * torch.linalg.eigvalsh(block).mean().item()
+        dense_inv = torch.linalg.inv(block + damping * torch.eye(d))
+        g = train_grads[name].reshape(len(x), -1).T  # [d, N]
+
+        def curvature(factors, name=name):
+            f = factors["layers"][name]
+            q = torch.kron(f["QS"], f["QA"])
+            return q @ torch.diag(f["eigenvalues"].reshape(-1)) @ q.T
+
+        def inverse_on_grads(factors, name=name, damping=damping, g=g):
+            layer = {"spec": factors["spec"], "layers": {name: factors["layers"][name]}}
+            pre = lf.preconditioner(layer, damping={name: damping})
+            shape = factors["layers"][name]["eigenvalues"].shape
+            return pre({name: g.T.reshape(-1, *shape)})[name].reshape(g.shape[1], -1).T
+
+        def dist(a, b):
+            return torch.linalg.norm(a - b).item()
+
+        assert dist(curvature(ek_factors), block) < dist(curvature(kf), block)
+        assert dist(inverse_on_grads(ek_factors), dense_inv @ g) < dist(
+            inverse_on_grads(kf), dense_inv @ g
+        )
+
+
+def test_empirical_and_true_fisher_match_their_definitions():
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    logits = model(x)
+    delta = torch.stack(
+        [
+            torch.autograd.grad(F.cross_entropy(logits[i], y[i], reduction="sum"), logits)[0][i]
+            for i in range(len(x))
+        ]
+    )
+    _, _, emp = fit(model, (x, y), "empirical")
+    torch.testing.assert_close(emp["layers"][""]["S"], delta.T @ delta / len(x))
+
+    p = logits.softmax(-1).detach()
+    expected = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
+    many = (x.repeat(300, 1), y.repeat(300))
+    _, _, true = fit(model, many, "true", chunks=10)
+    assert torch.linalg.norm(true["layers"][""]["S"] - expected) < 0.05 * torch.linalg.norm(
+        expected
+    )
+    _, _, exact = fit(model, (x, y), "exact")
+    torch.testing.assert_close(exact["layers"][""]["S"], expected)
+
+
+def test_chunked_and_merged_updates_equal_one_pass():
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    x, y = torch.randn(24, 5), torch.randint(0, 3, (24,))
+    params = dict(model.named_parameters())
+    spec = lf.logra(model, rank=3, seed=1)
+    k = lf.kfac("empirical", dtype=torch.float64)
+    _, logs = lf.fisher_logs(model, params, (x, y), spec, fisher="empirical")
+    one = k.update(k.init(spec), logs)
+    parts = []
+    for xs, ys in zip(x.chunk(3), y.chunk(3)):
+        _, lg = lf.fisher_logs(model, params, (xs, ys), spec, fisher="empirical")
+        parts.append(k.update(k.init(spec), lg))
+    merged = lf.merge_states(*parts)
+    chained = k.init(spec)
+    for xs, ys in zip(x.chunk(4), y.chunk(4)):
+        chained = k.update(
+            chained, lf.fisher_logs(model, params, (xs, ys), spec, fisher="empirical")[1]
+        )
+    for name in one["layers"]:
+        for key in ("A", "S", "tokens", "samples"):
+            torch.testing.assert_close(merged["layers"][name][key], one["layers"][name][key])
+            torch.testing.assert_close(chained["layers"][name][key], one["layers"][name][key])
+
+
+def test_rank_deficient_covariances_give_finite_results():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    x = torch.randn(3, 6).repeat(5, 1)  # 3 distinct inputs, rank-deficient A
+    x[:, 0] = 0.0
+    y = torch.randint(0, 4, (15,))
+    _, _, factors = fit(model, (x, y), "empirical")
+    for damping in (None, 1e-6):
+        out = lf.preconditioner(factors, damping)(random_grads(model))
+        assert all(torch.isfinite(v).all() for v in out.values())
+    with pytest.raises(ValueError, match="zero eigenvalues"):
+        lf.preconditioner(factors, damping=0.0)
+
+
+def test_damping_is_per_layer_and_never_accumulates():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    x, y = torch.randn(32, 6) * 5, torch.randint(0, 4, (32,))
+    _, _, factors = fit(model, (x, y), "empirical")
+    pre = lf.preconditioner(factors)
+    for name, f in factors["layers"].items():
+        assert pre.damping[name] == pytest.approx(0.1 * f["eigenvalues"].mean().item())
+    assert pre.damping["0"] != pytest.approx(pre.damping["2"])
+    grads = random_grads(model)
+    first, second = pre(grads), pre(grads)
+    for name in grads:
+        torch.testing.assert_close(first[name], second[name], rtol=0, atol=0)
+    assert lf.preconditioner(None)(grads)["0"] is grads["0"]
+
+
+def test_raw_covariance_and_its_preconditioner_match_dense_algebra():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    params = dict(model.named_parameters())
+    spec = lf.logra(model, rank=2, seed=3)
+    grads = lf.projected_grads(model, params, (x, y), spec)
+    r = lf.raw(dtype=torch.float64)
+    factors = r.finalize(r.update(r.init(spec), grads))
+    queries = random_grads(model)
+    queries = {n: q[:, :2, :2] for n, q in queries.items()}
+    got = lf.preconditioner(factors, damping=0.01)(queries)
+    for name, g in grads.items():
+        flat = g.reshape(len(x), -1)
+        cov = flat.T @ flat / len(x)
+        torch.testing.assert_close(factors["layers"][name]["C"], cov)
+        for i in range(len(queries[name])):
+            want = apply_dense(cov, 0.01, queries[name][i])
+            torch.testing.assert_close(got[name][i], want)
+
+
+def test_bad_input_is_refused_clearly():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    params = dict(model.named_parameters())
+    spec = lf.logra(model, rank=2, seed=0)
+    k = lf.kfac("empirical")
+    state = k.init(spec)
+    _, logs = lf.fisher_logs(model, params, (x, y), spec, fisher="empirical")
+
+    bad = {n: dict(v) for n, v in logs.items()}
+    bad["2"]["backprops"] = bad["2"]["backprops"].clone()
+    bad["2"]["backprops"][4] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite backprops in layer '2'.*\[4\]"):
+        k.update(state, bad)
+    with pytest.raises(ValueError, match=r"missing \['2'\]"):
+        k.update(state, {"0": logs["0"]})
+    other = lf.logra(model, rank=3, seed=0)
+    with pytest.raises(ValueError, match="another spec"):
+        k.update(k.init(other), logs)
+    with pytest.raises(ValueError, match="different projection specs"):
+        lf.merge_states(state, k.init(lf.logra(model, rank=2, seed=1)))
+    with pytest.raises(ValueError, match="fisher must be"):
+        lf.kfac("fake")
+
+
+def test_state_saves_and_loads_beside_the_logs(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    _, state, factors = fit(model, (x, y), "empirical")
+    for url in (str(tmp_path / "run" / "kfac.pt"), "memory://run/kfac.pt"):
+        lf.save_state(factors, url)
+        back = lf.load_state(url)
+        for name, f in factors["layers"].items():
+            for key, v in f.items():
+                torch.testing.assert_close(back["layers"][name][key], v, rtol=0, atol=0)
+        assert torch.equal(back["spec"], factors["spec"])

@@ -1,0 +1,127 @@
+"""LogStore across processes: writers killed with SIGKILL, concurrent writers, OS errors."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import store_writer
+import torch
+from store_writer import rows_for
+
+from logix_func.store import LogStore, StoreIOError, StoreSchema
+
+
+def check_store(url: str, allowed: set[int]) -> list[int]:
+    """Every committed id appears once, comes from ``allowed``, and has its exact row."""
+    store = LogStore.open(url)
+    ids = store.ids().tolist()
+    assert len(ids) == len(set(ids)) == len(store) and set(ids) <= allowed
+    if ids:
+        expected, got = rows_for(ids), store.read(ids)
+        for name in expected:
+            assert torch.equal(got[name].view(torch.int16), expected[name].view(torch.int16))
+    return ids
+
+
+def test_writer_killed_at_random_points_resumes_without_duplicates_or_gaps(tmp_path):
+    ctx = store_writer.forkserver()
+    url, ids = str(tmp_path / "killed"), list(range(6000))
+    rng = random.Random(0)
+    kills = runs = 0
+    while kills < 24 and runs < 100:
+        progress = ctx.Value("i", 0)
+        args = (url, ids, 0, rng.choice([1, 5, 16, 37]), rng.choice([0, 1, 3]), 0.01, progress)
+        child = ctx.Process(target=store_writer.write_ids, args=args)
+        child.start()
+        appends, deadline = rng.randint(0, 12), time.monotonic() + 60
+        while progress.value < appends and child.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.002)  # wait for the loop itself, whatever the start-up time
+        time.sleep(rng.uniform(0.0, 0.02))
+        child.kill()  # SIGKILL at a random point of the loop: no cleanup, no flush
+        child.join()
+        runs += 1
+        kills += child.exitcode == -signal.SIGKILL
+        if Path(url, "zarr.json").exists():
+            check_store(url, set(ids))
+    assert kills >= 20, f"only {kills} of {runs} runs were killed before finishing"
+    partial = len(check_store(url, set(ids)))
+    assert 0 < partial < len(ids)  # the kills left work to resume
+    child = ctx.Process(target=store_writer.write_ids, args=(url, ids, 0, 37, 0, 0.0))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    clean_url = str(tmp_path / "clean")
+    store_writer.write_ids(clean_url, ids, 0, 16, 0, 0.0)
+    assert sorted(check_store(url, set(ids))) == ids
+    resumed, clean = LogStore.open(url), LogStore.open(clean_url)
+    for name in store_writer.LAYERS:
+        a, b = resumed.read(ids)[name], clean.read(ids)[name]
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_two_concurrent_writers_union(tmp_path):
+    ctx = store_writer.forkserver()
+    url = str(tmp_path / "shared")
+    parts = {0: list(range(0, 700, 2)), 1: list(range(1, 700, 2))}  # even and odd ids
+    children = [
+        ctx.Process(target=store_writer.write_ids, args=(url, part, writer, 9, 4, 0.0))
+        for writer, part in parts.items()
+    ]
+    for child in children:  # both race to create the store
+        child.start()
+    for child in children:
+        child.join(timeout=120)
+        assert child.exitcode == 0
+    ids = check_store(url, set(range(700)))
+    assert ids == parts[0] + parts[1]  # writer 0's rows, then writer 1's, each in append order
+
+
+def test_full_disk_raises_instead_of_hanging(tmp_path):
+    ctx = store_writer.forkserver()
+    queue = ctx.Queue()
+    limit = 64 << 10  # files may not grow past 64 KiB in the child; its chunks are 8 MiB
+    child = ctx.Process(
+        target=store_writer.write_with_file_limit, args=(str(tmp_path / "s"), limit, queue)
+    )
+    child.start()
+    kind, message = queue.get(timeout=120)
+    child.join(timeout=60)
+    assert kind == "StoreIOError" and "File too large" in message, (kind, message)
+
+
+def test_read_only_directory_raises(tmp_path):
+    if os.geteuid() != 0:
+        readonly = tmp_path / "ro"
+        readonly.mkdir(mode=0o555)
+        with pytest.raises(StoreIOError, match="Permission denied"):
+            LogStore.create(str(readonly / "s"), StoreSchema(layers={"g": (4,)}))
+        return
+    # root ignores permissions: drop to nobody in a child, in dirs that nobody can reach
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        for name, mode in (("ro", 0o555), ("rw", 0o777)):
+            (base / name).mkdir()
+            (base / name).chmod(mode)  # not mkdir(mode=...): the umask would mask it
+        ctx = store_writer.forkserver()
+        outcomes = {}
+        for name in ("ro", "rw"):
+            queue = ctx.Queue()
+            child = ctx.Process(
+                target=store_writer.create_as_nobody, args=(str(base / name / "s"), queue)
+            )
+            child.start()
+            outcomes[name] = queue.get(timeout=120)
+            child.join(timeout=60)
+        assert outcomes["rw"] == ("ok", "")  # the same child succeeds where it may write
+        kind, message = outcomes["ro"]
+        assert kind == "StoreIOError" and "Permission denied" in message, outcomes["ro"]
+    finally:
+        shutil.rmtree(base)
