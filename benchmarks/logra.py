@@ -93,11 +93,7 @@ def best_times(runs: dict, repeats: int) -> dict[str, float]:
 def logix_figures(name: str, repeats: int) -> dict | str:
     """LogIX's figures from its own virtualenv, or the reason it could not run."""
     if not PEERS_PYTHON.exists():
-        return (
-            f"no {PEERS_PYTHON.relative_to(ROOT)} (python -m venv .venv-peers; "
-            ".venv-peers/bin/pip install torch==2.13.0 numpy==<this python's numpy>; "
-            ".venv-peers/bin/pip install --ignore-requires-python logix-ai numpy==<same>)"
-        )
+        return f"no {PEERS_PYTHON.relative_to(ROOT)} (bash benchmarks/compare/setup_peers.sh)"
     script = Path(__file__).with_name("logra_logix.py")
     env = {**os.environ, **MALLOC_ENV}
     done = subprocess.run(
