@@ -18,9 +18,9 @@ from .grads import per_sample_grads
 from .ids import DuplicateIdError, IndexedDataset, check_unique, content_ids, index_ids, string_ids
 from .influence import TopK, influence, influence_chunks, self_influence, top_k
 from .layers import LayerSpec
-from .logra import projected_grads  # the module first: the name `logra` is the function
 from .metrics import lds, loo_correlation, pearson, spearman
 from .pipeline import fit_curvature, log_dataset
+from .projected import projected_grads
 from .projection import ProjectionSpec, logra
 from .stats import RunningStat, running_covariance, running_mean, running_variance
 from .store import LogStore, StoreSchema, model_fingerprint

@@ -19,8 +19,8 @@ from .curvature import load_state, preconditioner, save_state
 from .digits import digits_split, mlp_model, train_mlp
 from .influence import influence, top_k
 from .kvstore import read_bytes
-from .logra import projected_grads
 from .pipeline import fit_curvature, log_dataset
+from .projected import projected_grads
 from .projection import logra
 
 

@@ -17,7 +17,7 @@ from .batch import ModelBatch
 from .curvature import ekfac, fisher_logs, kfac, raw
 from .curvature.kfac import Fisher
 from .curvature.transform import layer_dims
-from .logra import projected_grads
+from .projected import projected_grads
 from .store import LogStore, StoreSchema, model_fingerprint
 
 IdsFn = Callable[[Any, int], Tensor | list]

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..batch import IGNORE_INDEX, ModelBatch, is_causal_lm, logits_of
 from ..grads import split_weights
+from ..projected import projected_grads
 from .kfac import Fisher
 
 
@@ -93,8 +94,6 @@ def fisher_logs(
     grads ``{layer: [B, D, k_out, k_in]}``, backprops ``[B, D, T, k_out]`` (D = 1 unless
     ``fisher="exact"``, where D = number of classes).
     """
-    from ..logra import projected_grads
-
     if fisher == "empirical":
         draws = [(batch, loss_fn)]
     elif fisher == "true":
