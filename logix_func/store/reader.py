@@ -58,7 +58,8 @@ class Snapshot:
         return {k: arrays[k][index].read() for k in keys}
 
     def _finish(self, futures: dict) -> tuple[Ids, dict[str, Tensor]]:
-        ids = self.decode(self.column(wait(futures.pop("ids"), f"reading ids of {self.root.url}")))
+        raw_ids = wait(futures.pop("ids"), f"reading ids of {self.root.url}")
+        ids = self.decode(self.schema.id_column(raw_ids))
         rows = {}
         for key, future in futures.items():
             name = key[len("layers/") :]
@@ -66,26 +67,15 @@ class Snapshot:
             rows[name] = numpy_to_tensor(data).view(len(data), *self.schema.layers[name])
         return ids, rows
 
-    def column(self, raw: np.ndarray) -> np.ndarray:
-        """Stored ids ``[n, width]`` as a 1-d array: int64, or fixed-width bytes for strings."""
-        if self.schema.ids == "int":
-            return np.ascontiguousarray(raw[:, 0])
-        return np.ascontiguousarray(raw).view(f"S{self.schema.id_bytes}")[:, 0]
-
-    def keys(self, column: np.ndarray) -> list:
-        """Python ids (int or str) of an id column."""
-        return column.tolist() if self.schema.ids == "int" else [b.decode() for b in column]
-
     def decode(self, column: np.ndarray) -> Ids:
         """Ids as users see them: an int64 tensor, or a list of strings."""
-        return torch.from_numpy(column) if self.schema.ids == "int" else self.keys(column)
+        return torch.from_numpy(column) if self.schema.ids == "int" else self.schema.id_keys(column)
 
     def all_ids(self) -> np.ndarray:
-        """Every committed id in position order, as a :meth:`column`."""
+        """Every committed id in position order, as an id column (see ``StoreSchema.id_column``)."""
         futures = [self.arrays(w)["ids"][:n].read() for w, n in self.counts]
-        parts = [self.column(wait(f, f"reading ids of {self.root.url}")) for f in futures]
-        empty = np.zeros(0, np.int64 if self.schema.ids == "int" else f"S{self.schema.id_bytes}")
-        return np.concatenate(parts) if parts else empty
+        parts = [self.schema.id_column(wait(f, f"reading ids of {self.root.url}")) for f in futures]
+        return np.concatenate(parts) if parts else self.schema.id_column(np.zeros((0, 1), np.int64))
 
     def index(self) -> tuple[np.ndarray, np.ndarray]:
         """``(sorted ids, their positions)``; an id stored twice raises DuplicateIdError."""
@@ -97,7 +87,7 @@ class Snapshot:
             if len(repeated):
                 raise DuplicateIdError(
                     f"data ids stored more than once in {self.root.url} (two writers logged "
-                    f"them): {listed(self.keys(repeated))}"
+                    f"them): {listed(self.schema.id_keys(repeated))}"
                 )
             self._index = (ordered, order)
         return self._index

@@ -206,6 +206,18 @@ class StoreSchema:
         raw = np.array(encoded, dtype=f"S{width}").view(np.uint8).reshape(len(keys), width)
         return raw, keys
 
+    def id_column(self, raw: np.ndarray) -> np.ndarray:
+        """Stored ids ``[n, width]`` as a 1-d array: int64, or fixed-width bytes for strings."""
+        if self.ids == "int":
+            return np.ascontiguousarray(raw[:, 0])
+        if len(raw) == 0:
+            return np.zeros(0, f"S{self.id_bytes}")
+        return np.ascontiguousarray(raw).view(f"S{self.id_bytes}")[:, 0]
+
+    def id_keys(self, column: np.ndarray) -> list:
+        """Python ids (int or str) of an id column."""
+        return column.tolist() if self.ids == "int" else [b.decode() for b in column.tolist()]
+
 
 def tensor_to_numpy(t: Tensor) -> np.ndarray:
     """A CPU numpy view of ``t`` (bfloat16 as ``ml_dtypes.bfloat16``, bit-exact)."""
