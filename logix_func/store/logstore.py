@@ -228,12 +228,13 @@ class LogStore:
         self,
         layers: Sequence[str] | None = None,
         chunk_rows: int | None = None,
-        prefetch: int = 2,
+        prefetch: int = 1,
     ) -> Iterator[tuple[Ids, dict[str, Tensor]]]:
         """Yield ``(ids, {layer: [n, *shape]})`` over all committed rows in read order.
 
         ``n <= chunk_rows`` (default: the stored chunk size; a chunk never spans two writers'
-        shards); ``prefetch`` further chunks are read in the background.
+        shards). While the caller works on a chunk, the next ``prefetch`` are read in the
+        background (more read-ahead costs CPU: each read maps chunk files).
         """
         chunk_rows = self.schema.chunk_rows if chunk_rows is None else int(chunk_rows)
         if chunk_rows < 1:

@@ -95,22 +95,21 @@ class Snapshot:
     def chunks(
         self, layers: Sequence[str] | None, chunk_rows: int, prefetch: int
     ) -> Iterator[tuple[Ids, dict[str, Tensor]]]:
-        """Row ranges of at most ``chunk_rows`` (never across shards), ``prefetch`` read ahead."""
+        """Row ranges of at most ``chunk_rows`` (never across shards); while the caller works on
+        one, the next ``prefetch`` are being read."""
         keys = self._keys(layers)
         pieces = iter(
-            (w, a, min(a + chunk_rows, n)) for w, n in self.counts for a in range(0, n, chunk_rows)
+            (w, slice(a, min(a + chunk_rows, n)))
+            for w, n in self.counts
+            for a in range(0, n, chunk_rows)
         )
         pending: deque[dict] = deque()
-        for _ in range(prefetch + 1):
-            piece = next(pieces, None)
-            if piece is not None:
-                pending.append(self._start_read(piece[0], slice(piece[1], piece[2]), keys))
-        while pending:
-            futures = pending.popleft()
-            piece = next(pieces, None)
-            if piece is not None:
-                pending.append(self._start_read(piece[0], slice(piece[1], piece[2]), keys))
-            yield self._finish(futures)
+        while True:
+            while len(pending) <= prefetch and (piece := next(pieces, None)) is not None:
+                pending.append(self._start_read(*piece, keys))
+            if not pending:
+                return
+            yield self._finish(pending.popleft())
 
     def read_positions(
         self, positions: np.ndarray, layers: Sequence[str] | None
