@@ -32,10 +32,15 @@ def schema(dtype: torch.dtype = torch.bfloat16) -> StoreSchema:
 
 
 def write_ids(
-    url: str, ids: list[int], writer: int, batch: int, flush_every: int, pause: float
+    url: str, ids: list[int], writer: int, batch: int, flush_every: int, pause: float, ready=None
 ) -> None:
-    """The logging loop of a user: resume after what is committed, append, flush now and then."""
+    """The logging loop of a user: resume after what is committed, append, flush now and then.
+
+    ``ready`` (an Event) is set once the store is open.
+    """
     with LogStore.create(url, schema(), writer=writer, exist_ok=True) as store:
+        if ready is not None:
+            ready.set()
         done = store.committed_ids()
         todo = [i for i in ids if i not in done]
         for step, start in enumerate(range(0, len(todo), batch)):

@@ -33,10 +33,9 @@ class Snapshot:
     @classmethod
     def take(cls, root: Root, schema: StoreSchema) -> Snapshot:
         writers = root.writers()
-        markers = [root.read_json(marker_key(w))[0] for w in writers]
-        return cls(
-            root, schema, [(w, int(m["rows"])) for w, m in zip(writers, markers, strict=True) if m]
-        )
+        markers = root.read_jsons([marker_key(w) for w in writers])
+        counts = [(w, int(m["rows"])) for w, (m, _) in zip(writers, markers, strict=True) if m]
+        return cls(root, schema, counts)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
