@@ -130,11 +130,11 @@ class Root:
 
     def arrays(self, metadata: dict[str, dict | None]) -> dict[str, ts.TensorStore]:
         """Open zarr v3 arrays ``{path: metadata}`` concurrently; an array with metadata is
-        created when absent."""
+        created when absent. Reading a chunk that is missing is an error, never zeros."""
         futures = {}
         for path, meta in metadata.items():
             kvstore = {**self.spec, "path": self.spec["path"] + path + "/"}
-            spec = {"driver": "zarr3", "kvstore": kvstore}
+            spec = {"driver": "zarr3", "kvstore": kvstore, "fill_missing_data_reads": False}
             if meta is None:
                 futures[path] = ts.open(spec, context=self.context, open=True, read=True)
             else:
