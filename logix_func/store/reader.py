@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import tensorstore as ts
 import torch
 from torch import Tensor
 
@@ -53,16 +54,30 @@ class Snapshot:
         return ["ids"] + [f"layers/{n}" for n in names]
 
     def _start_read(self, writer: int, index: Any, keys: list[str]) -> dict:
-        arrays = self.arrays(writer)
-        return {k: arrays[k][index].read() for k in keys}
+        """Start copying ``array[index]`` of each key into a new numpy array.
 
-    def _finish(self, futures: dict) -> tuple[Ids, dict[str, Tensor]]:
-        raw_ids = wait(futures.pop("ids"), f"reading ids of {self.root.url}")
-        ids = self.decode(self.schema.id_column(raw_ids))
+        The arrays are allocated here, not by tensorstore's ``read()`` on its own threads:
+        malloc then reuses the pages freed by earlier chunks instead of faulting in fresh ones,
+        which halves the cost of a read.
+        """
+        started = {}
+        for key in keys:
+            source = self.arrays(writer)[key][index]
+            target = np.empty(source.shape, source.dtype.numpy_dtype)
+            started[key] = (target, ts.array(target).write(source))
+        return started
+
+    def _wait(self, started: dict) -> dict[str, np.ndarray]:
+        """The arrays of :meth:`_start_read`, once filled."""
+        for key, (_, future) in started.items():
+            wait(future, f"reading {key} of {self.root.url}")
+        return {key: target for key, (target, _) in started.items()}
+
+    def _finish(self, arrays: dict[str, np.ndarray]) -> tuple[Ids, dict[str, Tensor]]:
+        ids = self.decode(self.schema.id_column(arrays.pop("ids")))
         rows = {}
-        for key, future in futures.items():
+        for key, data in arrays.items():
             name = key[len("layers/") :]
-            data = wait(future, f"reading layer {name} of {self.root.url}")
             rows[name] = numpy_to_tensor(data).view(len(data), *self.schema.layers[name])
         return ids, rows
 
@@ -72,8 +87,8 @@ class Snapshot:
 
     def all_ids(self) -> np.ndarray:
         """Every committed id in position order, as an id column (see ``StoreSchema.id_column``)."""
-        futures = [self.arrays(w)["ids"][:n].read() for w, n in self.counts]
-        parts = [self.schema.id_column(wait(f, f"reading ids of {self.root.url}")) for f in futures]
+        started = [self._start_read(w, slice(0, n), ["ids"]) for w, n in self.counts]
+        parts = [self.schema.id_column(self._wait(s)["ids"]) for s in started]
         return np.concatenate(parts) if parts else self.schema.id_column(np.zeros((0, 1), np.int64))
 
     def index(self) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +123,7 @@ class Snapshot:
                 pending.append(self._start_read(*piece, keys))
             if not pending:
                 return
-            yield self._finish(pending.popleft())
+            yield self._finish(self._wait(pending.popleft()))
 
     def read_positions(
         self, positions: np.ndarray, layers: Sequence[str] | None
@@ -130,24 +145,13 @@ class Snapshot:
             local = positions[where] - self.offsets[s]
             order = np.argsort(local, kind="stable")
             parts.append((where[order], self._start_read(self.counts[s][0], local[order], keys)))
-        raw: dict[str, np.ndarray] = {}
-        for where, futures in parts:
-            for key, future in futures.items():
-                data = wait(future, f"reading {key} of {self.root.url}")
-                if key not in raw:
-                    raw[key] = np.empty((len(positions), data.shape[1]), data.dtype)
-                raw[key][where] = data
-        return self._finish({k: _Done(v) for k, v in raw.items()})
-
-
-class _Done:
-    """An already available result with the ``result()`` of a future."""
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def result(self) -> Any:
-        return self.value
+        rows: dict[str, np.ndarray] = {}
+        for where, started in parts:
+            for key, data in self._wait(started).items():
+                if key not in rows:
+                    rows[key] = np.empty((len(positions), data.shape[1]), data.dtype)
+                rows[key][where] = data
+        return self._finish(rows)
 
 
 class LogDataset(torch.utils.data.Dataset):
