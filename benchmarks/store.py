@@ -14,7 +14,6 @@ per-sample gradients of a small MLP on digits and for Gaussian rows.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import shutil
 import statistics
@@ -100,19 +99,6 @@ def run_interleaved(cases: dict, repeats: int, setup=lambda: None) -> dict[str, 
     return times
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc to serve big buffers from its heap and keep freed memory (as the environment
-    variables MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ would): tensorstore's reader
-    threads then reuse pages instead of faulting in fresh zeroed ones for every chunk."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    big = 1 << 30
-    return bool(libc.mallopt(m_mmap_threshold, big) and libc.mallopt(m_trim_threshold, big))
-
-
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -195,18 +181,12 @@ def main() -> None:
         "store": lambda: store_read(opened),
     }
     r = run_interleaved(reads, args.repeats)
-    tuned = keep_freed_memory()
-    r_tuned = run_interleaved(reads, args.repeats) if tuned else None
     table = [
         ("append, none, page cache only", w["none"], w["memmap"], "memmap"),
         ("append, none, durable", w["none durable"], w["memmap+flush"], "memmap+flush"),
         ("append, zstd, durable", w["zstd durable"], w["memmap+flush"], "memmap+flush"),
         ("read (iter_chunks), none", r["store"], r["memmap"], "memmap"),
     ]
-    if r_tuned:
-        table.append(
-            ("read, malloc keeps freed memory", r_tuned["store"], r_tuned["memmap"], "memmap")
-        )
     print(
         f"{args.rows} rows × {len(layers)} layers × 64×64 float32 = {mib:.0f} MiB; "
         f"batch {args.batch}, chunk {chunk} rows; {args.repeats} interleaved runs each"
