@@ -32,20 +32,15 @@ def schema(dtype: torch.dtype = torch.bfloat16) -> StoreSchema:
 
 
 def write_ids(
-    url: str,
-    ids: list[int],
-    writer: int,
-    batch: int,
-    flush_every: int,
-    pause: float,
-    progress=None,
+    url: str, ids: list[int], writer: int, batch: int, flush_every: int, pause: float, ready=None
 ) -> None:
     """The logging loop of a user: resume after what is committed, append, flush now and then.
 
-    ``progress`` (a shared ``multiprocessing.Value``) counts the appends, so that a test can
-    kill the loop at a chosen point whatever the start-up time.
+    ``ready`` (an Event) is set once the store is open.
     """
     with LogStore.create(url, schema(), writer=writer, exist_ok=True) as store:
+        if ready is not None:
+            ready.set()
         done = store.committed_ids()
         todo = [i for i in ids if i not in done]
         for step, start in enumerate(range(0, len(todo), batch)):
@@ -53,8 +48,6 @@ def write_ids(
             store.append(part, rows_for(part))
             if flush_every and step % flush_every == 0:
                 store.flush()
-            if progress is not None:
-                progress.value += 1
             time.sleep(pause)
 
 

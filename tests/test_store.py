@@ -249,6 +249,35 @@ def test_open_what_is_not_a_store(tmp_path):
         reader.append([0], make_rows(1))
 
 
+def test_files_left_by_a_killed_write_do_not_corrupt_the_next(tmp_path):
+    """A writer killed mid-write leaves a temporary file; a longer one must not leak its tail."""
+    url, rows = tmp_path / "s", make_rows(8)
+    schema = StoreSchema(layers=LAYERS, chunk_rows=4, codec="none")
+    with LogStore.create(str(url), schema) as store:
+        store.append(range(4), {k: v[:4] for k, v in rows.items()})
+    stale = b"x" * 10_000  # what the default tensorstore lock file could hold after a kill
+    (url / "commits" / "0.json.__lock").write_bytes(stale)
+    (url / "shards" / "0" / "layers" / "fc1" / "c.1.0.__lock").write_bytes(stale)
+    with LogStore.open(str(url), "a") as store:
+        store.append(range(4, 8), {k: v[4:] for k, v in rows.items()})
+    assert json.loads((url / "commits" / "0.json").read_text())["rows"] == 8
+    store = LogStore.open(str(url))
+    assert same_bits(store.read(range(8))["fc1"], rows["fc1"])
+
+
+def test_missing_chunk_is_an_error_not_zeros(tmp_path):
+    url, rows = tmp_path / "s", make_rows(8)
+    with LogStore.create(str(url), StoreSchema(layers=LAYERS, chunk_rows=4)) as store:
+        store.append(range(8), rows)
+    (url / "shards" / "0" / "layers" / "fc2" / "c.1.0").unlink()
+    store = LogStore.open(str(url))
+    assert same_bits(store.read([0, 3])["fc2"], rows["fc2"][[0, 3]])
+    with pytest.raises(StoreIOError, match="missing"):
+        store.read([5])
+    with pytest.raises(StoreIOError, match="missing"):
+        list(store.iter_chunks())
+
+
 def test_path_under_a_file_raises(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreIOError, match="Not a directory"):

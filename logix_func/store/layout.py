@@ -49,13 +49,20 @@ def kvstore_spec(url: str) -> dict:
 def _context(durable: bool) -> ts.Context:
     """A context sharing ``memory://`` stores across opens in this process.
 
-    Local files are read through mmap (chunk files are replaced, never changed in place) and
-    fsync'ed before a write counts as done when ``durable``.
+    Local files: each write goes to a temporary file with a unique name that is renamed over
+    the key (locking "none"; the default lock mode reuses a ``<key>.__lock`` file left by a
+    killed writer without truncating it, which corrupts the next value). Writes are fsync'ed
+    before they count as done when ``durable``; reads map files (chunk files are replaced,
+    never changed in place).
     """
     global _shared_context
     if _shared_context is None:
         _shared_context = ts.Context()
-    spec = {"file_io_sync": durable, "file_io_mode": {"mode": "memmap"}}
+    spec = {
+        "file_io_sync": durable,
+        "file_io_locking": {"mode": "none"},
+        "file_io_mode": {"mode": "memmap"},
+    }
     return ts.Context(spec, parent=_shared_context)
 
 
@@ -89,13 +96,24 @@ class Root:
 
     def read_json(self, key: str) -> tuple[Any, bytes]:
         """``(value or None when missing, storage generation)`` of a JSON key."""
-        r = wait(self.kv.read(key), f"reading {self.url}/{key}")
-        if r.state == "missing":
-            return None, r.stamp.generation
-        try:
-            return json.loads(r.value), r.stamp.generation
-        except ValueError:
-            raise NotAStoreError(f"{self.url}/{key} is not JSON: not a logix_func store") from None
+        return self.read_jsons([key])[0]
+
+    def read_jsons(self, keys: list[str]) -> list[tuple[Any, bytes]]:
+        """:meth:`read_json` of several keys, read concurrently."""
+        futures = [self.kv.read(key) for key in keys]
+        out = []
+        for key, future in zip(keys, futures, strict=True):
+            r = wait(future, f"reading {self.url}/{key}")
+            if r.state == "missing":
+                out.append((None, r.stamp.generation))
+                continue
+            try:
+                out.append((json.loads(r.value), r.stamp.generation))
+            except ValueError:
+                raise NotAStoreError(
+                    f"{self.url}/{key} is not JSON: not a logix_func store"
+                ) from None
+        return out
 
     def write_json(self, key: str, value: Any, if_equal: bytes | None = None) -> Any:
         """Start writing ``value`` (only if the key's generation is ``if_equal``, when given).
@@ -110,15 +128,19 @@ class Root:
         names = [k.decode()[len("commits/") : -len(".json")] for k in keys]
         return sorted(int(n) for n in names if n.isdigit())
 
-    def array(self, path: str, metadata: dict | None = None) -> ts.TensorStore:
-        """Open the zarr v3 array at ``path``; create it with ``metadata`` when given and absent."""
-        spec = {"driver": "zarr3", "kvstore": {**self.spec, "path": self.spec["path"] + path + "/"}}
-        if metadata is None:
-            future = ts.open(spec, context=self.context, open=True, read=True)
-        else:
-            spec["metadata"] = metadata
-            future = ts.open(spec, context=self.context, open=True, create=True)
-        return wait(future, f"opening array {self.url}/{path}")
+    def arrays(self, metadata: dict[str, dict | None]) -> dict[str, ts.TensorStore]:
+        """Open zarr v3 arrays ``{path: metadata}`` concurrently; an array with metadata is
+        created when absent. Reading a chunk that is missing is an error, never zeros."""
+        futures = {}
+        for path, meta in metadata.items():
+            kvstore = {**self.spec, "path": self.spec["path"] + path + "/"}
+            spec = {"driver": "zarr3", "kvstore": kvstore, "fill_missing_data_reads": False}
+            if meta is None:
+                futures[path] = ts.open(spec, context=self.context, open=True, read=True)
+            else:
+                spec["metadata"] = meta
+                futures[path] = ts.open(spec, context=self.context, open=True, create=True)
+        return {p: wait(f, f"opening array {self.url}/{p}") for p, f in futures.items()}
 
 
 def array_metadata(row_size: int, data_type: str, chunk_rows: int, codec: str, itemsize: int):

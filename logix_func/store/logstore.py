@@ -64,7 +64,7 @@ class LogStore:
         self._failed: Exception | None = None
         if mode == "a":
             self._shard = ShardWriter(root, self.schema, writer, max_inflight)
-            self._seen = self.committed_ids()
+            self._known = KnownIds(self._snap().index()[0])
 
     @classmethod
     def create(
@@ -152,23 +152,24 @@ class LogStore:
         if len(set(keys)) != len(keys):
             repeated = sorted({k for k in keys if keys.count(k) > 1}, key=str)
             raise DuplicateIdError(f"data ids repeated within the batch: {listed(repeated)}")
-        if not self._seen.isdisjoint(keys):
-            stored = [k for k in keys if k in self._seen]
+        column = self.schema.id_column(raw)
+        known = self._known.contains(column)
+        if known.any():
             if self.on_duplicate == "error":
+                stored = [k for k, hit in zip(keys, known, strict=True) if hit]
                 raise DuplicateIdError(
                     f"data ids already in {self.url}: {listed(stored)} (skip them with "
                     "committed_ids(), or open the store with on_duplicate='skip')"
                 )
-            keep = np.array([k not in self._seen for k in keys])
-            raw, keys = raw[keep], [k for k in keys if k not in self._seen]
-            arrays = {name: a[keep] for name, a in arrays.items()}
+            raw, column = raw[~known], column[~known]
+            arrays = {name: a[~known] for name, a in arrays.items()}
         try:
             self._shard.append(raw, arrays)
         except Exception as e:
             self._failed = e
             raise
-        self._seen.update(keys)
-        return len(keys)
+        self._known.add(column)
+        return len(column)
 
     def flush(self) -> None:
         """Wait for every pending write and commit all appended rows."""
@@ -221,18 +222,19 @@ class LogStore:
 
     def committed_ids(self) -> set:
         """The set of committed data ids: skip these when resuming a logging loop."""
-        return set(self._snap().keys(self._snap().index()[0]))
+        return set(self.schema.id_keys(self._snap().index()[0]))
 
     def iter_chunks(
         self,
         layers: Sequence[str] | None = None,
         chunk_rows: int | None = None,
-        prefetch: int = 2,
+        prefetch: int = 1,
     ) -> Iterator[tuple[Ids, dict[str, Tensor]]]:
         """Yield ``(ids, {layer: [n, *shape]})`` over all committed rows in read order.
 
         ``n <= chunk_rows`` (default: the stored chunk size; a chunk never spans two writers'
-        shards); ``prefetch`` further chunks are read in the background.
+        shards). While the caller works on a chunk, the next ``prefetch`` are read in the
+        background (more read-ahead costs CPU: each read maps chunk files).
         """
         chunk_rows = self.schema.chunk_rows if chunk_rows is None else int(chunk_rows)
         if chunk_rows < 1:
@@ -246,9 +248,7 @@ class LogStore:
         snap = self._snap()
         raw, keys = self.schema.encode_ids(data_ids)
         sorted_ids, order = snap.index()
-        query = snap.column(raw)
-        at = np.searchsorted(sorted_ids, query).clip(max=max(len(sorted_ids) - 1, 0))
-        found = (sorted_ids[at] == query) if len(sorted_ids) else np.zeros(len(query), bool)
+        at, found = lookup(sorted_ids, self.schema.id_column(raw))
         if not found.all():
             missing = [k for k, f in zip(keys, found, strict=True) if not f]
             raise KeyError(f"data ids not in {self.url}: {listed(missing)}")
@@ -269,6 +269,33 @@ class LogStore:
         if self._snapshot is None:
             self._snapshot = Snapshot.take(self._root, self.schema)
         return self._snapshot
+
+
+def lookup(sorted_ids: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(index, found)`` of each query id in a sorted id column."""
+    if len(sorted_ids) == 0:
+        return np.zeros(len(query), np.int64), np.zeros(len(query), bool)
+    at = np.searchsorted(sorted_ids, query).clip(max=len(sorted_ids) - 1)
+    return at, sorted_ids[at] == query
+
+
+class KnownIds:
+    """Ids a writer must not store again, as sorted numpy columns (8 bytes per int id).
+
+    Parts of decreasing size, merged like a binary counter: at most log2(n) parts to search.
+    """
+
+    def __init__(self, sorted_ids: np.ndarray):
+        self.parts = [sorted_ids]
+
+    def contains(self, column: np.ndarray) -> np.ndarray:
+        return np.logical_or.reduce([lookup(part, column)[1] for part in self.parts])
+
+    def add(self, column: np.ndarray) -> None:
+        part = np.sort(column)
+        while self.parts and len(self.parts[-1]) <= len(part):
+            part = np.sort(np.concatenate([self.parts.pop(), part]))
+        self.parts.append(part)
 
 
 def _version() -> str:

@@ -18,7 +18,7 @@ from .errors import SchemaError, listed
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 CODECS = ("zstd", "blosc", "none")
-TARGET_CHUNK_BYTES = 8 << 20  # one chunk of rows across all layers
+TARGET_CHUNK_BYTES = 16 << 20  # one chunk of rows across all layers
 MAX_CHUNK_ROWS = 1 << 16
 
 
@@ -51,7 +51,7 @@ class StoreSchema:
         spec: projection spec, any JSON-serialisable dict (or ``None``).
         fingerprint: ``model_fingerprint(model)`` (or ``None``).
         codec: ``"zstd"`` (default), ``"blosc"`` (byte shuffle + zstd) or ``"none"``.
-        chunk_rows: rows per stored chunk; ``None`` picks a power of two near 8 MiB per chunk.
+        chunk_rows: rows per stored chunk; ``None`` picks a power of two near 16 MiB per chunk.
         id_bytes: width of string ids in bytes.
     """
 
@@ -205,6 +205,18 @@ class StoreSchema:
             )
         raw = np.array(encoded, dtype=f"S{width}").view(np.uint8).reshape(len(keys), width)
         return raw, keys
+
+    def id_column(self, raw: np.ndarray) -> np.ndarray:
+        """Stored ids ``[n, width]`` as a 1-d array: int64, or fixed-width bytes for strings."""
+        if self.ids == "int":
+            return np.ascontiguousarray(raw[:, 0])
+        if len(raw) == 0:
+            return np.zeros(0, f"S{self.id_bytes}")
+        return np.ascontiguousarray(raw).view(f"S{self.id_bytes}")[:, 0]
+
+    def id_keys(self, column: np.ndarray) -> list:
+        """Python ids (int or str) of an id column."""
+        return column.tolist() if self.ids == "int" else [b.decode() for b in column.tolist()]
 
 
 def tensor_to_numpy(t: Tensor) -> np.ndarray:

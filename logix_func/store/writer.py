@@ -22,12 +22,12 @@ def shard_arrays(root: Root, schema: StoreSchema, writer: int, create: bool) -> 
         return array_metadata(size, data_type, schema.chunk_rows, schema.codec, itemsize)
 
     id_meta = meta(1, "int64", 8) if schema.ids == "int" else meta(schema.id_bytes, "uint8", 1)
-    arrays = {"ids": root.array(shard_path(writer), id_meta)}
-    item = schema.dtype.itemsize
+    paths = {"ids": (shard_path(writer), id_meta)}
     for name, size in schema.row_sizes.items():
-        layer_meta = meta(size, DTYPE_NAMES[schema.dtype], item)
-        arrays[f"layers/{name}"] = root.array(shard_path(writer, name), layer_meta)
-    return arrays
+        layer_meta = meta(size, DTYPE_NAMES[schema.dtype], schema.dtype.itemsize)
+        paths[f"layers/{name}"] = (shard_path(writer, name), layer_meta)
+    opened = root.arrays({path: m for path, m in paths.values()})
+    return {key: opened[path] for key, (path, _) in paths.items()}
 
 
 class ShardWriter:
