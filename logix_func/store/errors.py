@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .. import ids
+
 
 class StoreError(Exception):
     """Base class of the store's errors."""
@@ -11,8 +13,8 @@ class SchemaError(StoreError, ValueError):
     """Rows, ids or a schema do not match the store's schema."""
 
 
-class DuplicateIdError(StoreError, ValueError):
-    """A data id would be stored twice."""
+class DuplicateIdError(StoreError, ids.DuplicateIdError):
+    """A data id would be stored twice; ``.ids`` lists them (a ``logix_func.DuplicateIdError``)."""
 
 
 class NotAStoreError(StoreError, FileNotFoundError):

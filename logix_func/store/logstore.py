@@ -151,7 +151,9 @@ class LogStore:
         arrays = self.schema.rows_to_numpy(rows, len(keys))
         if len(set(keys)) != len(keys):
             repeated = sorted({k for k in keys if keys.count(k) > 1}, key=str)
-            raise DuplicateIdError(f"data ids repeated within the batch: {listed(repeated)}")
+            raise DuplicateIdError(
+                f"data ids repeated within the batch: {listed(repeated)}", repeated
+            )
         column = self.schema.id_column(raw)
         known = self._known.contains(column)
         if known.any():
@@ -159,7 +161,8 @@ class LogStore:
                 stored = [k for k, hit in zip(keys, known, strict=True) if hit]
                 raise DuplicateIdError(
                     f"data ids already in {self.url}: {listed(stored)} (skip them with "
-                    "committed_ids(), or open the store with on_duplicate='skip')"
+                    "committed_ids(), or open the store with on_duplicate='skip')",
+                    stored,
                 )
             raw, column = raw[~known], column[~known]
             arrays = {name: a[~known] for name, a in arrays.items()}

@@ -101,7 +101,8 @@ class Snapshot:
             if len(repeated):
                 raise DuplicateIdError(
                     f"data ids stored more than once in {self.root.url} (two writers logged "
-                    f"them): {listed(self.schema.id_keys(repeated))}"
+                    f"them): {listed(self.schema.id_keys(repeated))}",
+                    self.schema.id_keys(repeated),
                 )
             self._index = (ordered, order)
         return self._index
