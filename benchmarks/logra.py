@@ -26,14 +26,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import logix_func as lf
 
-from .logra_models import RANK, build, linear_layers, peak_extra_mib, summed_ce
+from .logra_models import RANK, best_times, build, linear_layers, peak_extra_mib, summed_ce
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
@@ -76,18 +75,6 @@ def methods(name: str) -> tuple[dict, dict, dict]:
     projected = sum(layer.rank_out * layer.rank_in for layer in spec.layers.values())
     sizes = {"full": full, "projected": projected, "layers": len(spec.layers)}
     return runs, release, sizes
-
-
-def best_times(runs: dict, repeats: int) -> dict[str, float]:
-    for fn in runs.values():  # warm-up (compilation happens here)
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(repeats):
-        for key, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return {k: min(v) for k, v in times.items()}
 
 
 def logix_figures(name: str, repeats: int) -> dict | str:

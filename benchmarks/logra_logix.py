@@ -11,26 +11,12 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import logix  # noqa: E402
 import torch  # noqa: E402
-from logra_models import RANK, build, peak_extra_mib, summed_ce  # noqa: E402
-
-
-def best_times(runs: dict, repeats: int) -> dict[str, float]:
-    """Best of ``repeats`` interleaved runs of each callable, after a warm-up call."""
-    for fn in runs.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(repeats):
-        for key, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return {k: min(v) for k, v in times.items()}
+from logra_models import RANK, best_times, build, peak_extra_mib, summed_ce  # noqa: E402
 
 
 def main() -> None:

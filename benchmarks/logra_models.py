@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 
 import torch
 import torch.nn.functional as F
@@ -98,3 +99,16 @@ def peak_extra_mib(fn, release=None) -> float | None:
         return None
     fn()
     return (_status_kib("VmHWM") - before) / 1024
+
+
+def best_times(runs: dict, repeats: int) -> dict[str, float]:
+    """Best of ``repeats`` interleaved runs of each callable, after a warm-up call."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {k: min(v) for k, v in times.items()}
