@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal, NamedTuple
 
+import tensorstore as ts
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from .store.layout import _context, codecs, kvstore_spec
 
 Rows = Mapping[str, Tensor]
 Mode = Literal["dot", "cosine", "l2", "relative"]
@@ -154,7 +157,8 @@ def influence(
     chunk_rows: int = 4096,
     per_layer: bool = False,
     progress: bool | None = None,
-) -> Float[Tensor, "queries train"] | dict[str, Float[Tensor, "queries train"]]:
+    out: str | None = None,
+) -> Float[Tensor, "queries train"] | dict[str, Float[Tensor, "queries train"]] | ts.TensorStore:
     """Scores ``[Q, N]`` of every training row for every query row.
 
     Args:
@@ -166,21 +170,63 @@ def influence(
         chunk_rows: training rows scored per matmul.
         per_layer: return ``{layer: [Q, N]}`` whose sum is the total (mode ``"dot"``).
         progress: show a progress bar (default: for more than 50,000 rows).
+        out: a local path or tensorstore URL: write the scores there chunk by chunk (a float32
+            zarr3 array ``[Q, N]``, columns in the order of ``train``'s rows, e.g.
+            ``store.ids()``) instead of holding them in memory; returns the opened array.
     """
-    parts = list(
-        influence_chunks(
-            query,
-            train,
-            preconditioner=preconditioner,
-            mode=mode,
-            chunk_rows=chunk_rows,
-            per_layer=per_layer,
-            progress=progress,
-        )
+    stream = influence_chunks(
+        query,
+        train,
+        preconditioner=preconditioner,
+        mode=mode,
+        chunk_rows=chunk_rows,
+        per_layer=per_layer,
+        progress=progress,
     )
+    if out is not None:
+        if per_layer:
+            raise ValueError("out= writes total scores; per_layer results are returned in memory")
+        return _write_scores(out, stream, _num_rows(query), _num_rows(train), chunk_rows)
+    parts = list(stream)
     if per_layer:
         return {k: torch.cat([s[k] for _, s in parts], 1) for k in parts[0][1]}
     return torch.cat([s for _, s in parts], 1)
+
+
+def _write_scores(
+    url: str, stream: Iterator[tuple[Any, Tensor]], queries: int, total: int, chunk_rows: int
+) -> ts.TensorStore:
+    """Write ``[Q, n]`` score chunks into a new float32 zarr3 array ``[Q, N]`` at ``url``."""
+    spec = {
+        "driver": "zarr3",
+        "kvstore": kvstore_spec(url),
+        "metadata": {
+            "shape": [queries, total],
+            "chunk_grid": {
+                "name": "regular",
+                "configuration": {"chunk_shape": [queries, min(chunk_rows, total)]},
+            },
+            "data_type": "float32",
+            "codecs": codecs("none", 4),
+        },
+        "create": True,
+        "delete_existing": True,
+    }
+    array = ts.open(spec, context=_context(durable=True)).result()
+    start, pending = 0, []
+    for _, scores in stream:
+        stop = start + scores.shape[1]
+        pending.append(array[:, start:stop].write(scores.numpy()))
+        start = stop
+        if len(pending) > 4:  # bounded writes in flight
+            pending.pop(0).result()
+    for write in pending:
+        write.result()
+    return ts.open(
+        {**spec, "create": False, "delete_existing": False, "open": True},
+        context=_context(durable=True),
+        read=True,
+    ).result()
 
 
 def self_influence(

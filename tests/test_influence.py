@@ -130,3 +130,16 @@ def test_bad_input_is_named():
         lf.influence(q, empty)
     with pytest.raises(ValueError, match="mode must be"):
         lf.influence(q, t, mode="euclid")
+
+
+def test_scores_too_large_for_memory_go_to_a_tensorstore_array(tmp_path):
+    shapes = {"a": (3, 4), "b": (2, 5)}
+    q, t = rows(4, shapes), rows(53, shapes)
+    pre, inv = dense_operator(shapes)
+    for url in (str(tmp_path / "scores"), "memory://scores"):
+        array = lf.influence(q, t, preconditioner=pre, chunk_rows=10, out=url)
+        assert tuple(array.shape) == (4, 53)
+        got = torch.from_numpy(array.read().result()).double()
+        torch.testing.assert_close(got, kernel(q, t, inv), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="per_layer"):
+        lf.influence(q, t, per_layer=True, out=str(tmp_path / "layers"))
