@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from .curvature import load_state, preconditioner, save_state
 from .digits import digits_split, mlp_model, train_mlp
 from .influence import influence, top_k
-from .kvstore import read_bytes
 from .pipeline import fit_curvature, log_dataset
 from .projected import projected_grads
 from .projection import logra
@@ -53,17 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _exists(url: str) -> bool:
-    try:
-        read_bytes(url)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def _cached(url: str, make: Any) -> Any:
-    if _exists(url):
+    """The value saved at ``url``, or ``make()`` saved there on the first run."""
+    try:
         return load_state(url)
+    except FileNotFoundError:
+        pass
     value = make()
     save_state(value, url)
     return value

@@ -17,6 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .curvature import IdentityPreconditioner
 from .store.layout import _context, codecs, kvstore_spec
 
 Rows = Mapping[str, Tensor]
@@ -30,10 +31,6 @@ class Chunk(NamedTuple):
 
     ids: Tensor | list
     rows: dict[str, Tensor]
-
-
-def _identity(grads: dict[str, Tensor]) -> dict[str, Tensor]:
-    return dict(grads)
 
 
 def iter_rows(train: Any, chunk_rows: int) -> Iterator[Chunk]:
@@ -122,9 +119,10 @@ def influence_chunks(
     total = _num_rows(train)
     if total == 0:
         raise ValueError("the training rows are empty: nothing to score against")
-    pre = preconditioner or _identity
+    pre = preconditioner or IdentityPreconditioner()
     _check_finite(Chunk(list(range(_num_rows(query))), dict(query)), "query")
-    conditioned = {k: v.reshape(v.shape[0], -1).float() for k, v in pre(dict(query)).items()}
+    conditioned = pre(dict(query))
+    conditioned = {k: _flat(conditioned, k) for k in conditioned}
     q_self = _self_kernel(query, pre) if mode in ("cosine", "l2") else None
     show = total > 50_000 if progress is None else progress
     bar = tqdm(total=total, desc="influence", unit="row", disable=not show)
@@ -222,11 +220,7 @@ def _write_scores(
             pending.pop(0).result()
     for write in pending:
         write.result()
-    return ts.open(
-        {**spec, "create": False, "delete_existing": False, "open": True},
-        context=_context(durable=True),
-        read=True,
-    ).result()
+    return array
 
 
 def self_influence(
@@ -237,7 +231,7 @@ def self_influence(
     progress: bool | None = None,
 ) -> Float[Tensor, " train"]:
     """``k(t, t)`` for every training row: ``[N]``, streamed chunk by chunk."""
-    pre = preconditioner or _identity
+    pre = preconditioner or IdentityPreconditioner()
     total = _num_rows(train)
     if total == 0:
         raise ValueError("the training rows are empty")

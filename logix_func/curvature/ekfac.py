@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .transform import Transform, check_finite, check_layers
+from .transform import Transform, check_counted, check_finite, check_layers
 
 
 def ekfac(kfac_factors: dict[str, Any]) -> Transform:
@@ -55,8 +55,7 @@ def ekfac(kfac_factors: dict[str, Any]) -> Transform:
     def finalize(state: dict[str, Any]) -> dict[str, Any]:
         layers = {}
         for name, acc in state["layers"].items():
-            if acc["samples"] == 0:
-                raise ValueError(f"layer {name!r}: no samples were accumulated")
+            check_counted(acc["samples"], name)
             layers[name] = {
                 **kfac_factors["layers"][name],
                 "eigenvalues": acc["squares"] / acc["samples"],

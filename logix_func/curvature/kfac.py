@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .transform import Transform, check_finite, check_layers, layer_dims, spec_tag
+from .transform import Transform, check_counted, check_finite, check_layers, layer_dims, spec_tag
 
 Fisher = Literal["true", "empirical", "exact"]
 
@@ -83,8 +83,7 @@ def kfac(fisher: Fisher = "true", *, dtype: torch.dtype = torch.float32) -> Tran
     def finalize(state: dict[str, Any]) -> dict[str, Any]:
         factors = {}
         for name, acc in state["layers"].items():
-            if acc["samples"] == 0:
-                raise ValueError(f"layer {name!r}: no samples were accumulated")
+            check_counted(acc["samples"], name)
             a_cov = acc["A"] / acc["tokens"].clamp_min(1)
             s_cov = acc["S"] / acc["samples"]
             la, qa = eigh64(a_cov)

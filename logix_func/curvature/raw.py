@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .kfac import eigh64
-from .transform import Transform, check_finite, check_layers, layer_dims, spec_tag
+from .transform import Transform, check_counted, check_finite, check_layers, layer_dims, spec_tag
 
 
 def raw(*, dtype: torch.dtype = torch.float32) -> Transform:
@@ -52,8 +52,7 @@ def raw(*, dtype: torch.dtype = torch.float32) -> Transform:
     def finalize(state: dict[str, Any]) -> dict[str, Any]:
         layers = {}
         for name, acc in state["layers"].items():
-            if acc["samples"] == 0:
-                raise ValueError(f"layer {name!r}: no samples were accumulated")
+            check_counted(acc["samples"], name)
             cov = acc["C"] / acc["samples"]
             values, vectors = eigh64(cov)
             layers[name] = {"C": cov, "Q": vectors, "eigenvalues": values}

@@ -52,3 +52,9 @@ def check_finite(x: Tensor, layer: str, what: str) -> None:
             f"non-finite {what} in layer {layer!r} for samples at batch positions {rows[:10]}"
             f"{' …' if len(rows) > 10 else ''}: check the loss and inputs of those samples"
         )
+
+
+def check_counted(samples: Tensor, layer: str) -> None:
+    """Finalizing needs at least one accumulated sample per layer."""
+    if samples == 0:
+        raise ValueError(f"layer {layer!r}: no samples were accumulated")
