@@ -90,10 +90,14 @@ class AttributionArguments:
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's model inside DDP / DeepSpeed / accelerate / ``torch.compile`` wrappers."""
-    model = extract_model_from_parallel(model, keep_torch_compile=False)
-    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        model = model.module
-    return model
+    while True:
+        model = extract_model_from_parallel(model)
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
 
 
 @contextmanager
