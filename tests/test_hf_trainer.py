@@ -178,7 +178,7 @@ class Interrupted(torch.utils.data.Dataset):
     """The training list, failing from index ``fail_at`` on while ``fail_at`` is set."""
 
     def __init__(self, items, fail_at):
-        self.items, self.fail_at = items, fail_at
+        self.items, self.fail_at, self.read = items, fail_at, []
 
     def __len__(self):
         return len(self.items)
@@ -186,6 +186,7 @@ class Interrupted(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if self.fail_at is not None and i >= self.fail_at:
             raise RuntimeError("interrupted")
+        self.read.append(i)
         return self.items[i]
 
 
@@ -198,9 +199,12 @@ def test_an_interrupted_extract_log_resumes_without_duplicates(trainer, tmp_path
         attribution.extract_log()
     assert lf.LogStore.open(str(tmp_path / "log")).committed_ids() == set(range(8))
 
-    data.fail_at = None
+    data.fail_at, data.read = None, []
     store = attribution.extract_log()
+    assert data.read == list(range(8, len(TRAIN)))  # only what was missing
     assert torch.equal(store.ids().sort().values, torch.arange(len(TRAIN)))  # no duplicates
+    data.read = []
+    assert len(attribution.extract_log()) == len(TRAIN) and data.read == []  # complete: no pass
     fresh = Attribution(t, AttributionArguments(store=str(tmp_path / "fresh"), rank=4))
     expected = fresh.extract_log().read(torch.arange(len(TRAIN)))
     for name, rows in store.read(torch.arange(len(TRAIN))).items():

@@ -23,7 +23,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from jaxtyping import Float
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from transformers import Trainer
 
 from ..curvature import preconditioner as make_preconditioner
@@ -128,7 +128,7 @@ class Attribution:
             )
         self.trainer = trainer
         self.args = args or AttributionArguments()
-        self._factors: tuple[tuple, dict | None] | None = None
+        self._factors: tuple[int, Any, dict[str, Any]] | None = None  # step, dataset, factors
 
     # the pieces
 
@@ -162,17 +162,24 @@ class Attribution:
         """Log the projected gradient of every training example to :attr:`store_url`.
 
         Rows already committed there are skipped, so a rerun after an interruption resumes
-        (rows of finished batches are committed even when the run stops with an error).
-        Returns the store, open for reading.
+        (rows of finished batches are committed even when the run stops with an error); with
+        index ids the examples already logged are not even read. Returns the store, open for
+        reading.
         """
         dataset = self._train(None)
         model, spec = self.model, self.spec
-        ids = position_ids if self.args.ids == "index" else self.args.ids
         schema = store_schema(model, spec, self.args.dtype)
         with (
             eval_mode(model),
             LogStore.create(self.store_url, schema, exist_ok=True) as store,  # close = commit
         ):
+            ids = self.args.ids
+            if ids == "index":
+                todo = torch.tensor(sorted(set(range(len(dataset))) - store.committed_ids()))
+                if len(todo) == 0:
+                    return LogStore.open(self.store_url)
+                dataset = Subset(dataset, todo.tolist())
+                ids = lambda batch, offset: todo[position_ids(batch, offset)]  # noqa: E731
             log_dataset(
                 model,
                 self._params(model),
@@ -191,14 +198,15 @@ class Attribution:
         weights move on (``global_step`` changes); ``None`` for ``method="none"``."""
         if self.args.method == "none":
             return None
-        key = (self.trainer.state.global_step, id(self._train(dataset)))
-        if self._factors is None or self._factors[0] != key:
+        dataset, step = self._train(dataset), self.trainer.state.global_step
+        cached = self._factors
+        if cached is None or cached[0] != step or cached[1] is not dataset:
             model = self.model
             with eval_mode(model):
                 factors = fit_curvature(
                     model,
                     self._params(model),
-                    self.loader(self._train(dataset)),
+                    self.loader(dataset),
                     self.spec,
                     method=self.args.method,
                     fisher=self.args.fisher,
@@ -206,8 +214,8 @@ class Attribution:
                     loss_fn=self.args.loss_fn,
                     progress=self._progress,
                 )
-            self._factors = (key, factors)
-        return self._factors[1]
+            self._factors = (step, dataset, factors)
+        return self._factors[2]
 
     def preconditioner(self) -> Callable[[Rows], Rows]:
         """``grads -> (H + λI)⁻¹ grads`` from :meth:`fit_curvature` (identity for "none")."""
