@@ -121,11 +121,6 @@ class Attribution:
     """
 
     def __init__(self, trainer: Trainer, args: AttributionArguments | None = None):
-        if trainer.args.world_size > 1:
-            raise NotImplementedError(
-                "Attribution runs in one process; call it from a single-process Trainer "
-                f"(this one has world_size={trainer.args.world_size})"
-            )
         self.trainer = trainer
         self.args = args or AttributionArguments()
         self._factors: tuple[int, Any, dict[str, Any]] | None = None  # step, dataset, factors
@@ -154,6 +149,11 @@ class Attribution:
 
     def loader(self, dataset: Any) -> Batches:
         """``dataset`` batched in order with the trainer's collator (unused columns dropped)."""
+        if self.trainer.args.world_size > 1:
+            raise NotImplementedError(
+                "Attribution runs in one process; run it from a single-process Trainer "
+                f"(this one has world_size={self.trainer.args.world_size})"
+            )
         return Batches(self.trainer, dataset, self.args.batch_size, self.model)
 
     # the pipeline
@@ -182,7 +182,7 @@ class Attribution:
                 ids = lambda batch, offset: todo[position_ids(batch, offset)]  # noqa: E731
             log_dataset(
                 model,
-                self._params(model),
+                dict(model.named_parameters()),
                 self.loader(dataset),
                 spec,
                 store,
@@ -205,7 +205,7 @@ class Attribution:
             with eval_mode(model):
                 factors = fit_curvature(
                     model,
-                    self._params(model),
+                    dict(model.named_parameters()),
                     self.loader(dataset),
                     self.spec,
                     method=self.args.method,
@@ -226,7 +226,7 @@ class Attribution:
         model, spec = self.model, self.spec
         parts = []
         with eval_mode(model):
-            params = self._params(model)
+            params = dict(model.named_parameters())
             for batch in self.loader(dataset):
                 parts.append(projected_grads(model, params, batch, spec, loss_fn=self.args.loss_fn))
         if not parts:
@@ -283,9 +283,6 @@ class Attribution:
         if dataset is None:
             raise ValueError("no dataset: pass one or give the Trainer a train_dataset")
         return dataset
-
-    def _params(self, model: nn.Module) -> dict[str, Tensor]:
-        return dict(model.named_parameters())
 
     def _order(self, store: LogStore) -> Tensor | slice:
         """Columns in dataset order for index ids (checked complete), else the store's order."""
