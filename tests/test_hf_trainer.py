@@ -174,6 +174,23 @@ def test_a_duplicated_training_sequence_ranks_itself_first(trainer, tmp_path):
     torch.testing.assert_close(scores[range(len(picks)), picks], selfs[picks], rtol=1e-4, atol=0)
 
 
+def test_custom_ids_name_the_score_columns(trainer, tmp_path):
+    def reversed_ids(batch, offset):  # the log's order is not the ids' order
+        return len(TRAIN) - 1 - lf.pipeline.position_ids(batch, offset)
+
+    by_index = Attribution(trainer, AttributionArguments(store=str(tmp_path / "a"), rank=4))
+    custom = AttributionArguments(store=str(tmp_path / "b"), rank=4, ids=reversed_ids)
+    by_custom = Attribution(trainer, custom)
+    scores = by_custom.influence(QUERIES)
+    ids = by_custom.train_ids()
+    assert sorted(ids.tolist()) == list(range(len(TRAIN)))
+    expected = by_index.influence(QUERIES)[:, len(TRAIN) - 1 - ids]
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+    best = by_custom.top_k(QUERIES, k=2)
+    torch.testing.assert_close(best.values, scores.topk(2, dim=1).values)
+    assert torch.equal(best.ids, ids[scores.topk(2, dim=1).indices])
+
+
 class Interrupted(torch.utils.data.Dataset):
     """The training list, failing from index ``fail_at`` on while ``fail_at`` is set."""
 
