@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Shaped
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 IGNORE_INDEX = -100
 LossFn = Callable[[Any, Tensor], Tensor]
@@ -97,9 +98,28 @@ def _common_batch_size(tensors: dict[str, Any]) -> int:
     return size
 
 
-def unsqueeze_sample(tensors: dict[str, Any]) -> dict[str, Any]:
-    """Give every leaf of one sample a leading batch dimension of 1."""
-    return torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), tensors)
+def unsqueeze_sample(tensors: Any) -> Any:
+    """Give every tensor leaf of one sample a leading batch dimension of 1."""
+    return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, tensors)
+
+
+def summed_sample_losses(
+    loss_of: Callable[[Any, dict[str, Any]], Tensor], outputs: Any, tensors: dict[str, Any]
+) -> Float[Tensor, ""]:
+    """``Σ_i loss_of(outputs_i, sample_i)`` of batched ``outputs``, each sample a batch of one.
+
+    Non-tensor leaves of ``outputs`` (a Hugging Face ``past_key_values`` cache) are passed as
+    they are; the outputs are flattened first so that containers that drop ``None`` fields when
+    rebuilt (``ModelOutput``) keep their structure.
+    """
+    leaves, structure = tree_flatten(outputs)
+    in_dims = [0 if isinstance(t, Tensor) else None for t in leaves]
+
+    def one(leaves: list[Any], sample: dict[str, Any]) -> Tensor:
+        out = tree_unflatten(leaves, structure)
+        return loss_of(unsqueeze_sample(out), unsqueeze_sample(sample))
+
+    return torch.func.vmap(one, in_dims=(in_dims, 0))(leaves, tensors).sum()
 
 
 def logits_of(outputs: Any) -> Float[Tensor, "*shape"]:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from .batch import LossFn, ModelBatch, sample_loss, unsqueeze_sample
+from .batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
 from .checks import check_modes, check_params
 from .grads import split_weights
 from .layers import (
@@ -167,12 +167,7 @@ class _Pass:
 
     def loss(self, outputs: Any, tensors: dict[str, Any]) -> Tensor:
         """Sum of the samples' losses, each computed on its own (batch of one)."""
-
-        def one(out: Any, sample: dict[str, Any]) -> Tensor:
-            return self.loss_of(unsqueeze_sample(out), unsqueeze_sample(sample))
-
-        in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, outputs)
-        return torch.func.vmap(one, in_dims=(in_dims, 0))(outputs, tensors).sum()
+        return summed_sample_losses(self.loss_of, outputs, tensors)
 
     def input_tap(self, inputs: dict[str, list[Tensor]], batch: int, add: Tap) -> Tap:
         """Records the call's projected inputs, then adds ``add(...)`` (a zero) to its output."""

@@ -2,10 +2,12 @@
 
 A ```python block of ``docs/*.md`` runs unless the line just before it (blank lines aside) is
 ``<!-- no-run -->``. ``<!-- requires: NAME, ... -->`` there runs the block, and the rest of its
-page, only when ``logix_func`` has every NAME; otherwise the page's test is skipped from there.
+page, only when every NAME is a name in ``logix_func`` or an importable module (an optional
+dependency such as ``transformers``); otherwise the page's test is skipped from there.
 The blocks of a page run in order in one namespace, in a temporary working directory.
 """
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -62,6 +64,11 @@ def test_block_parsing():
         code_blocks("<!-- norun -->\n```python\nx = 1\n```\n")
 
 
+def available(name: str) -> bool:
+    """``name`` is in ``logix_func`` or is an importable module."""
+    return hasattr(logix_func, name) or importlib.util.find_spec(name) is not None
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
@@ -79,11 +86,11 @@ def test_snippets_run(page, tmp_path, monkeypatch, one_thread):
     for block in blocks:
         if not block.run:
             continue
-        missing = [n for n in block.requires if not hasattr(logix_func, n)]
+        missing = [n for n in block.requires if not available(n)]
         if missing:
             pytest.skip(
                 f"{ran} blocks ran; from line {block.line} on the page needs "
-                f"logix_func.{', '.join(missing)}"
+                f"{', '.join(missing)} (in logix_func or as a module)"
             )
         # Pad so that tracebacks point at the page's own lines.
         code = compile("\n" * (block.line - 1) + block.code, str(page), "exec")

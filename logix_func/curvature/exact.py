@@ -21,9 +21,8 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
-from ..batch import LossFn, ModelBatch, sample_loss, unsqueeze_sample
+from ..batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
 from ..checks import check_modes, check_params
 from ..grads import split_weights
 from .kfac import eigh64
@@ -180,11 +179,7 @@ def _block(
         return mb.call(model, (move(z), buffers), tensors)
 
     def total(out: Any) -> Tensor:
-        def one(o: Any, sample: dict[str, Any]) -> Tensor:
-            return loss_of(unsqueeze_sample(o), unsqueeze_sample(sample))
-
-        in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, out)
-        return torch.func.vmap(one, in_dims=(in_dims, 0))(out, tensors).sum()
+        return summed_sample_losses(loss_of, out, tensors)
 
     if kind == "hessian":
         gradient = torch.func.grad(lambda z: total(outputs(z)))

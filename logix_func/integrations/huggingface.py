@@ -1,0 +1,375 @@
+"""Attribution for a Hugging Face ``Trainer``: log, fit curvature, score — nothing else touched.
+
+:class:`Attribution` wraps an existing ``Trainer``; :class:`AttributionTrainer` is a ``Trainer``
+with the same methods. Both only *read* the trainer: its model (unwrapped from DDP /
+accelerate / ``torch.compile``), arguments, data collator and training set. The optimizer,
+scheduler, callbacks, logs and weights stay as they are, so ``trainer.train()`` can run before
+and after. The model runs in eval mode while attributing (no dropout); each module's mode is
+restored afterwards.
+
+Data ids are dataset indices (``ids="index"``): examples are read in dataset order, never
+shuffled, so an interrupted :meth:`Attribution.extract_log` resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from jaxtyping import Float
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+from transformers import Trainer
+
+from ..curvature import preconditioner as make_preconditioner
+from ..curvature.kfac import Fisher
+from ..influence import Mode, TopK
+from ..influence import influence as influence_scores
+from ..influence import self_influence as self_scores
+from ..influence import top_k as best_scores
+from ..pipeline import fit_curvature, log_dataset, position_ids, store_schema
+from ..projected import projected_grads
+from ..projection import ProjectionSpec, logra
+from ..store import LogStore
+
+Method = Literal["kfac", "ekfac", "raw", "none"]
+Rows = dict[str, Float[Tensor, "n k_out k_in"]]
+
+
+@dataclass(frozen=True)
+class AttributionArguments:
+    """Options of :class:`Attribution`.
+
+    Args:
+        store: URL of the training log (local path or tensorstore kvstore URL); ``None`` =
+            ``<output_dir>/attribution/step-<global_step>``, one log per checkpoint.
+        rank: LoGra rank ``k`` per side, ``(k_out, k_in)``, or ``None`` for full gradients.
+        seed: seed of the projection matrices (and of the sampled labels of the true Fisher).
+        layers: module names to cover; ``None`` = every projectable layer.
+        method: curvature: ``"ekfac"``, ``"kfac"``, ``"raw"`` (full covariance of each layer's
+            projected gradient) or ``"none"`` (plain gradient dot products).
+        fisher: ``"true"`` (sampled labels), ``"empirical"`` (the data's) or ``"exact"``.
+        damping: ``None`` = 0.1 × the mean eigenvalue per layer; a float is absolute.
+        dtype: dtype of the stored rows.
+        ids: ``"index"`` (dataset positions) or ``ids(batch, offset) -> Tensor [B]`` of the
+            collated batch.
+        batch_size: examples per pass; ``None`` = the trainer's eval batch size.
+        progress: progress bars; ``None`` follows ``TrainingArguments.disable_tqdm``.
+        loss_fn: ``loss_fn(outputs, labels)`` → loss of one example; ``None`` = the model's
+            token cross-entropy summed over tokens (causal shift for ``*ForCausalLM``).
+    """
+
+    store: str | None = None
+    rank: int | tuple[int, int] | None = 64
+    seed: int = 0
+    layers: Sequence[str] | None = None
+    method: Method = "ekfac"
+    fisher: Fisher = "true"
+    damping: float | None = None
+    dtype: torch.dtype = torch.float32
+    ids: Literal["index"] | Callable[[Any, int], Tensor] = "index"
+    batch_size: int | None = None
+    progress: bool | None = None
+    loss_fn: Callable[[Any, Tensor], Tensor] | None = None
+
+    def __post_init__(self):
+        if self.method not in ("kfac", "ekfac", "raw", "none"):
+            raise ValueError(
+                f"method must be 'kfac', 'ekfac', 'raw' or 'none', got {self.method!r}"
+            )
+        if self.ids != "index" and not callable(self.ids):
+            raise ValueError(f"ids must be 'index' or a callable (batch, offset), got {self.ids!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size}")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / DeepSpeed / accelerate / ``torch.compile`` wrappers."""
+    while True:
+        model = extract_model_from_parallel(model)
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` for the block, then every module back in its own mode."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+class Attribution:
+    """Influence of a ``Trainer``'s training examples, using the trainer's model and collator.
+
+    ``Attribution(trainer, AttributionArguments(...))``; the trainer is only read. Scores
+    follow the library's conventions: ``k(q, i) = g_qᵀ (H + λI)⁻¹ g_i`` with per-example
+    losses summed over tokens, positive when example ``i`` helps query ``q``, not divided by N.
+    """
+
+    def __init__(self, trainer: Trainer, args: AttributionArguments | None = None):
+        self.trainer = trainer
+        self.args = args or AttributionArguments()
+        self._factors: tuple[int, Any, dict[str, Any]] | None = None  # step, dataset, factors
+
+    # the pieces
+
+    @property
+    def model(self) -> nn.Module:
+        """The trainer's model, unwrapped."""
+        wrapped = self.trainer.model_wrapped
+        return unwrap_model(self.trainer.model if wrapped is None else wrapped)
+
+    @property
+    def spec(self) -> ProjectionSpec:
+        """The LoGra projection (derived from the options; nothing random is stored)."""
+        layers = None if self.args.layers is None else list(self.args.layers)
+        return logra(self.model, self.args.rank, seed=self.args.seed, layers=layers)
+
+    @property
+    def store_url(self) -> str:
+        """Where the training log lives."""
+        if self.args.store is not None:
+            return self.args.store
+        step = self.trainer.state.global_step
+        return f"{self.trainer.args.output_dir}/attribution/step-{step}"
+
+    def loader(self, dataset: Any) -> Batches:
+        """``dataset`` batched in order with the trainer's collator (unused columns dropped)."""
+        if self.trainer.args.world_size > 1:
+            raise NotImplementedError(
+                "Attribution runs in one process; run it from a single-process Trainer "
+                f"(this one has world_size={self.trainer.args.world_size})"
+            )
+        return Batches(self.trainer, dataset, self.args.batch_size, self.model)
+
+    # the pipeline
+
+    def extract_log(self) -> LogStore:
+        """Log the projected gradient of every training example to :attr:`store_url`.
+
+        Rows already committed there are skipped, so a rerun after an interruption resumes
+        (rows of finished batches are committed even when the run stops with an error); with
+        index ids the examples already logged are not even read. Returns the store, open for
+        reading.
+        """
+        dataset = self._train(None)
+        model, spec = self.model, self.spec
+        schema = store_schema(model, spec, self.args.dtype)
+        with (
+            eval_mode(model),
+            LogStore.create(self.store_url, schema, exist_ok=True) as store,  # close = commit
+        ):
+            ids = self.args.ids
+            if ids == "index":
+                todo = torch.tensor(sorted(set(range(len(dataset))) - store.committed_ids()))
+                if len(todo) == 0:
+                    return LogStore.open(self.store_url)
+                dataset = Subset(dataset, todo.tolist())
+                ids = lambda batch, offset: todo[position_ids(batch, offset)]  # noqa: E731
+            log_dataset(
+                model,
+                dict(model.named_parameters()),
+                self.loader(dataset),
+                spec,
+                store,
+                loss_fn=self.args.loss_fn,
+                ids=ids,
+                dtype=self.args.dtype,
+                progress=self._progress,
+            )
+        return LogStore.open(self.store_url)
+
+    def fit_curvature(self, dataset: Any = None) -> dict[str, Any] | None:
+        """Curvature factors over ``dataset`` (default: the training set), kept until the
+        weights move on (``global_step`` changes); ``None`` for ``method="none"``."""
+        if self.args.method == "none":
+            return None
+        dataset, step = self._train(dataset), self.trainer.state.global_step
+        cached = self._factors
+        if cached is None or cached[0] != step or cached[1] is not dataset:
+            model = self.model
+            with eval_mode(model):
+                factors = fit_curvature(
+                    model,
+                    dict(model.named_parameters()),
+                    self.loader(dataset),
+                    self.spec,
+                    method=self.args.method,
+                    fisher=self.args.fisher,
+                    seed=self.args.seed,
+                    loss_fn=self.args.loss_fn,
+                    progress=self._progress,
+                )
+            self._factors = (step, dataset, factors)
+        return self._factors[2]
+
+    def preconditioner(self) -> Callable[[Rows], Rows]:
+        """``grads -> (H + λI)⁻¹ grads`` from :meth:`fit_curvature` (identity for "none")."""
+        return make_preconditioner(self.fit_curvature(), self.args.damping)
+
+    def grads(self, dataset: Any) -> Rows:
+        """Projected gradients ``{layer: [n, k_out, k_in]}`` of ``dataset``'s examples."""
+        model, spec = self.model, self.spec
+        parts = []
+        with eval_mode(model):
+            params = dict(model.named_parameters())
+            for batch in self.loader(dataset):
+                parts.append(projected_grads(model, params, batch, spec, loss_fn=self.args.loss_fn))
+        if not parts:
+            raise ValueError("the query set is empty")
+        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+    # the answers
+
+    def influence(self, queries: Any, *, mode: Mode = "dot") -> Float[Tensor, "queries train"]:
+        """Scores ``[Q, N]`` of every training example for every query example.
+
+        Logs the training set first if needed (resuming). Column ``j`` is the training example
+        with data id :meth:`train_ids` ``[j]``: dataset index ``j`` with ``ids="index"``.
+        """
+        store = self.extract_log()
+        scores = influence_scores(
+            self.grads(queries),
+            store,
+            preconditioner=self.preconditioner(),
+            mode=mode,
+            progress=self._progress,
+        )
+        return scores[:, self._order(store)]
+
+    def self_influence(self) -> Float[Tensor, " train"]:
+        """``k(i, i)`` of every training example: ``[N]``, in :meth:`train_ids` order."""
+        store = self.extract_log()
+        values = self_scores(store, preconditioner=self.preconditioner(), progress=self._progress)
+        return values[self._order(store)]
+
+    def top_k(self, queries: Any, k: int, *, mode: Mode = "dot", largest: bool = True) -> TopK:
+        """The ``k`` most helpful (``largest=False``: most harmful) training examples per query:
+        data ids and scores, both ``[Q, k]``."""
+        return best_scores(
+            self.influence(queries, mode=mode), k, largest=largest, ids=self.train_ids()
+        )
+
+    def train_ids(self) -> Tensor | list:
+        """Data ids of the score columns: ``0 … N-1`` with ``ids="index"``."""
+        store = LogStore.open(self.store_url)
+        ids = store.ids()
+        return ids[self._order(store)] if self.args.ids == "index" else ids
+
+    # helpers
+
+    @property
+    def _progress(self) -> bool:
+        if self.args.progress is not None:
+            return self.args.progress
+        return not self.trainer.args.disable_tqdm
+
+    def _train(self, dataset: Any) -> Any:
+        dataset = self.trainer.train_dataset if dataset is None else dataset
+        if dataset is None:
+            raise ValueError("no dataset: pass one or give the Trainer a train_dataset")
+        return dataset
+
+    def _order(self, store: LogStore) -> Tensor | slice:
+        """Columns in dataset order for index ids (checked complete), else the store's order."""
+        if self.args.ids != "index":
+            return slice(None)
+        ids = store.ids()
+        n = len(self._train(None))
+        order = torch.argsort(ids)
+        if not torch.equal(ids[order], torch.arange(n)):
+            raise ValueError(
+                f"the log at {store.url} does not hold exactly the training set's indices "
+                f"0..{n - 1} ({len(ids)} rows): was it written for another dataset? "
+                "Use a new store URL"
+            )
+        return order
+
+
+class Batches:
+    """A dataset batched in order with a trainer's collator, on the model's device.
+
+    Like the trainer's eval loader (same collator, unused columns removed, same workers) but
+    never sharded or shuffled: example ``i`` of the dataset is row ``i`` of the stream.
+    """
+
+    def __init__(self, trainer: Trainer, dataset: Any, batch_size: int | None, model: nn.Module):
+        args = trainer.args
+        collator = trainer.data_collator
+        if _is_hf_dataset(dataset):
+            dataset = trainer._remove_unused_columns(dataset, description="attribution")
+        else:
+            collator = trainer._get_collator_with_removed_columns(collator, "attribution")
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size or args.eval_batch_size,
+            shuffle=False,
+            collate_fn=collator,
+            num_workers=args.dataloader_num_workers,
+        )
+        self.device = next(model.parameters()).device
+        forward = inspect.signature(model.forward).parameters
+        self.extra = {"use_cache": False} if "use_cache" in forward else {}
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            if "labels" not in batch:
+                raise ValueError(
+                    f"the collated batches have no 'labels' (keys: {sorted(batch)}); use a "
+                    "collator that makes them, e.g. DataCollatorForLanguageModeling(mlm=False)"
+                )
+            moved = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            yield {**moved, **self.extra}
+
+
+def _is_hf_dataset(dataset: Any) -> bool:
+    try:
+        import datasets
+    except ImportError:
+        return False
+    return isinstance(dataset, datasets.Dataset)
+
+
+class AttributionTrainer(Trainer):
+    """A ``Trainer`` with :class:`Attribution`'s methods; ``attribution_args`` holds the options.
+
+    ``AttributionTrainer(model=..., args=..., train_dataset=..., attribution_args=...)``, then
+    ``trainer.train()`` (or not) and ``trainer.influence(queries)``.
+    """
+
+    def __init__(self, *args: Any, attribution_args: AttributionArguments | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.attribution = Attribution(self, attribution_args)
+
+    def extract_log(self) -> LogStore:
+        """See :meth:`Attribution.extract_log`."""
+        return self.attribution.extract_log()
+
+    def influence(self, queries: Any, *, mode: Mode = "dot") -> Float[Tensor, "queries train"]:
+        """See :meth:`Attribution.influence`."""
+        return self.attribution.influence(queries, mode=mode)
+
+    def self_influence(self) -> Float[Tensor, " train"]:
+        """See :meth:`Attribution.self_influence`."""
+        return self.attribution.self_influence()
+
+    def top_k(self, queries: Any, k: int, *, mode: Mode = "dot", largest: bool = True) -> TopK:
+        """See :meth:`Attribution.top_k`."""
+        return self.attribution.top_k(queries, k, mode=mode, largest=largest)
