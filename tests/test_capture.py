@@ -111,6 +111,15 @@ def test_mlp_layers_and_watch_equal_hooks(reduce):
             torch.testing.assert_close(got[name][kind], reduce_ref(t, ones, reduce))
 
 
+def test_conv2d_raw_patches_outputs_and_grads():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 2))
+    x, y = torch.randn(3, 2, 4, 4), torch.randn(3, 2)
+    ref = hooked(model.eval(), ["0"], lambda: mse(model(x), y))
+    got = lf.capture(model, params_of(model), (x, y), layers=["0"], loss_fn=mse, reduce=None)
+    for kind, want in zip(("inputs", "outputs", "output_grads"), ref["0"], strict=True):
+        torch.testing.assert_close(got["0"][kind], want)
+
+
 def test_conv2d_projected_equals_explicit_projection():
     model = nn.Sequential(
         nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2)

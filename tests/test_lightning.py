@@ -60,6 +60,7 @@ def trainer(tmp_path, callbacks, logger=False):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        log_every_n_steps=1,
         default_root_dir=tmp_path,
     )
 
@@ -101,6 +102,23 @@ def test_predict_logs_projected_grads_captures_and_statistics(tmp_path):
         trainer(tmp_path, [callback]).predict(module, dataloaders=loader())
 
 
+def test_validate_logs_every_batch_once(tmp_path):
+    torch.manual_seed(0)
+    module = Classifier()
+    spec = lf.logra(module, rank=(3, 2))
+    store = lf.LogStore.create(str(tmp_path / "val"), lf.store_schema(module, spec))
+    trainer(tmp_path, [LogStoreCallback(store, spec, stages=["validate"])]).validate(
+        module, dataloaders=loader()
+    )
+    batches = list(loader())
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    rows = stored(str(tmp_path / "val"), torch.cat([batch_content_ids(b) for b in batches]))
+    for name in spec.layers:
+        want = torch.cat([lf.projected_grads(module, params, b, spec)[name] for b in batches])
+        torch.testing.assert_close(rows[name], want.float())
+    assert len(lf.LogStore.open(str(tmp_path / "val")).committed_ids()) == 20
+
+
 class Snapshots(pl.Callback):
     """Copies of the weights after every optimizer step (test reference)."""
 
@@ -138,7 +156,7 @@ def test_training_steps_logged_on_the_weights_of_the_step_and_training_unaffecte
     for k, v in state["state"].items():
         for key in v:
             assert torch.equal(v[key], plain_state["state"][k][key])
-    assert metrics == plain_metrics
+    assert metrics == plain_metrics and "train_loss" in metrics
     for p, q in zip(module.parameters(), plain_module.parameters(), strict=True):
         assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
     # steps 2 and 4 were logged, each on the weights right after that step
