@@ -358,13 +358,13 @@ def flatten_capture(captured: Mapping[str, Mapping[str, Tensor]]) -> dict[str, T
 
 
 def unflatten_capture(rows: Mapping[str, Tensor]) -> Captured:
-    """Inverse of :func:`flatten_capture` (``"mask"`` entries back to bool)."""
+    """Inverse of :func:`flatten_capture` (``"mask"`` entries back to bool). Other entries
+    (gradient layers of the same store) are left out."""
     out: Captured = {}
     for key, t in rows.items():
-        name, sep, kind = key.rpartition(".")
-        if not sep or kind not in (*KINDS, "mask"):
-            raise KeyError(f"{key!r} is not a captured entry ('<name>.<kind>', kind in {KINDS})")
-        out.setdefault(name, {})[kind] = t.bool() if kind == "mask" else t
+        name, _, kind = key.rpartition(".")
+        if name and kind in (*KINDS, "mask"):
+            out.setdefault(name, {})[kind] = t.bool() if kind == "mask" else t
     return out
 
 

@@ -59,7 +59,8 @@ class LogStoreCallback(pl.Callback):
         statistic: a :class:`~logix_func.stats.RunningStat` accumulated over every stored row
             (masked tokens excluded); read ``callback.state`` or ``callback.statistics()``.
         stat_device: where the statistic's state lives (``"cpu"`` by default).
-        loss_fn, dtype: as in :func:`~logix_func.projected_grads` and the store's row dtype.
+        loss_fn: the per-sample loss, as in :func:`~logix_func.projected_grads`.
+        dtype: the dtype of the stored rows.
     """
 
     def __init__(
