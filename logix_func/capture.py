@@ -90,6 +90,8 @@ def capture(
     covered = _covered_layers(model, _Layers(chosen), {**detached, **fixed})
     mats = _projectors(covered, project)
     watched = _check_watch(watch, covered)
+    if watched and "outputs" not in kinds and "output_grads" not in kinds:
+        raise ValueError("watched tensors have outputs and output_grads only; add one to what")
     grads = "output_grads" in kinds
 
     def inputs_of(name: str, call: Call) -> Tensor | None:

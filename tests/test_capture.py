@@ -182,13 +182,31 @@ def test_compiled_equals_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-9, atol=1e-12)
 
 
+def test_compiled_token_model_without_projection_equals_eager():
+    model = Tokens().eval()
+    batch = token_batch()
+
+    def run(p, b):
+        return lf.capture(model, p, b, loss_fn=token_loss, reduce="mean")
+
+    eager = run(params_of(model), batch)
+    compiled = torch.compile(run, fullgraph=True)(params_of(model), batch)
+    torch.testing.assert_close(compiled, eager, rtol=1e-9, atol=1e-12)
+
+
 def test_watch_is_the_identity_outside_capture_and_model_untouched():
     model = MLP().eval()
     x = torch.randn(4, 5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.testing.assert_close(model(x), model.fc2(torch.tanh(model.fc1(x))))
-    lf.capture(model, params_of(model), (x, torch.randn(4, 3)), watch=True, loss_fn=mse)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+    batch = (x, torch.randn(4, 3))
+    lf.capture(model, params_of(model), batch, watch=True, loss_fn=mse)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # projected_grads passes watch calls through
+    full = lf.projected_grads(model, params_of(model), batch, lf.logra(model, None), loss_fn=mse)
+    want = lf.per_sample_grads(model, params_of(model), batch, loss_fn=mse)["fc2.weight"]
+    torch.testing.assert_close(full["fc2"], want)
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -199,6 +217,8 @@ def test_bad_arguments_are_named():
         lf.capture(model, params_of(model), batch, what=["activations"])
     with pytest.raises(KeyError, match="not projectable"):
         lf.capture(model, params_of(model), batch, layers=["act"])
+    with pytest.raises(ValueError, match="outputs and output_grads only"):
+        lf.capture(model, params_of(model), batch, what=["inputs"], watch=True)
     with pytest.raises(ValueError, match="never passed to watch"):
         lf.capture(model, params_of(model), batch, layers=[], watch=["nope"], loss_fn=mse)
     with pytest.raises(KeyError, match="not in the projection spec"):
