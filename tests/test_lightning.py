@@ -119,6 +119,29 @@ def test_validate_logs_every_batch_once(tmp_path):
     assert len(lf.LogStore.open(str(tmp_path / "val")).committed_ids()) == 20
 
 
+class IndexedClassifier(Classifier):
+    def predict_step(self, batch, batch_idx):
+        return self(batch[1][0])
+
+
+def test_dataset_indices_as_ids(tmp_path):
+    torch.manual_seed(0)
+    module = IndexedClassifier()
+    spec = lf.logra(module, rank=2)
+    url = str(tmp_path / "indexed")
+    callback = LogStoreCallback(
+        url, spec, stages=["predict"], ids=lambda b: b[0], batch_fn=lambda b: b[1]
+    )
+    data = DataLoader(lf.IndexedDataset(loader().dataset), batch_size=5, shuffle=True)
+    trainer(tmp_path, [callback]).predict(module, dataloaders=data, return_predictions=False)
+    x, y = loader().dataset.tensors
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    want = lf.projected_grads(module, params, (x, y), spec)
+    rows = stored(url, torch.arange(20))
+    for name in spec.layers:
+        torch.testing.assert_close(rows[name], want[name].float())
+
+
 class Snapshots(pl.Callback):
     """Copies of the weights after every optimizer step (test reference)."""
 

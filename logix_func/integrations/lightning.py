@@ -51,8 +51,9 @@ class LogStoreCallback(pl.Callback):
             LightningModule itself); only called functionally.
         batch_fn: ``batch_fn(batch)`` → an ``(inputs, targets)`` or ``labels`` dict batch
             (default: the batch as it is).
-        ids: ``ids(batch)`` → data ids of the (converted) batch (default:
-            :func:`batch_content_ids`); the store rejects ids it already holds.
+        ids: ``ids(batch)`` → data ids of Lightning's batch, before ``batch_fn`` (e.g. the
+            indices of an :class:`~logix_func.ids.IndexedDataset`); default: a content hash of
+            the converted batch (:func:`batch_content_ids`). The store rejects ids it holds.
         capture_options: if given, keyword arguments of :func:`~logix_func.capture.capture`
             (``layers``, ``what``, ``reduce``, ``watch``; ``project`` defaults to ``spec``):
             its entries are stored beside the gradients as ``"layer.kind"``.
@@ -72,7 +73,7 @@ class LogStoreCallback(pl.Callback):
         every_n_train_steps: int | None = None,
         model: Callable[[pl.LightningModule], nn.Module] | None = None,
         batch_fn: Callable[[Any], Any] | None = None,
-        ids: Callable[[Any], Tensor | list] = batch_content_ids,
+        ids: Callable[[Any], Tensor | list] | None = None,
         capture_options: Mapping[str, Any] | None = None,
         statistic: RunningStat | None = None,
         stat_device: torch.device | str = "cpu",
@@ -132,6 +133,7 @@ class LogStoreCallback(pl.Callback):
     def log_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """Compute and append the rows of one batch (a separate, detached functional pass)."""
         model = self.model_of(pl_module)
+        data_ids = None if self.ids is None else self.ids(batch)
         # Lightning evaluates under inference_mode: leave it and copy inference tensors
         with torch.inference_mode(False), torch.enable_grad():
             batch = tree_map(_usable, self.batch_fn(batch))
@@ -148,7 +150,7 @@ class LogStoreCallback(pl.Callback):
                 rows = {**rows, **flatten_capture(captured)}
             rows = {k: v.detach().to(self.dtype) for k, v in rows.items()}
         store = self._store(trainer, model, captured)
-        store.append(self.ids(batch), rows)
+        store.append(batch_content_ids(batch) if data_ids is None else data_ids, rows)
         if self.statistic is not None:
             values = {k: v for k, v in rows.items() if not k.endswith(".mask")}
             if self.state is None:
