@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
 import logix_func as lf
 
@@ -180,6 +181,21 @@ def test_compiled_equals_eager():
     eager = run(params_of(model), batch)
     compiled = torch.compile(run, fullgraph=True)(params_of(model), batch)
     torch.testing.assert_close(compiled, eager, rtol=1e-9, atol=1e-12)
+
+
+def test_vmap_over_weights_equals_one_call_per_weights():
+    model = MLP().eval()
+    batch = (torch.randn(4, 5), torch.randn(4, 3))
+    params = params_of(model)
+    spec = lf.logra(model, rank=2)
+
+    def run(p):
+        return lf.capture(model, p, batch, project=spec, watch=True, loss_fn=mse, reduce=None)
+
+    batched = torch.func.vmap(run)({n: torch.stack([p, 2 * p]) for n, p in params.items()})
+    for i, scale in enumerate((1, 2)):
+        one = run({n: scale * p for n, p in params.items()})
+        torch.testing.assert_close(tree_map(lambda t, i=i: t[i], batched), one)
 
 
 def test_compiled_token_model_without_projection_equals_eager():
