@@ -1,5 +1,6 @@
 """logix_func: functional data attribution with torch.func."""
 
+from .capture import capture, capture_shapes, flatten_capture, unflatten_capture
 from .curvature import (
     IdentityPreconditioner,
     Preconditioner,
@@ -19,11 +20,12 @@ from .ids import DuplicateIdError, IndexedDataset, check_unique, content_ids, in
 from .influence import TopK, influence, influence_chunks, self_influence, top_k
 from .layers import LayerSpec
 from .metrics import lds, loo_correlation, pearson, spearman
-from .pipeline import fit_curvature, log_dataset
+from .pipeline import fit_curvature, log_dataset, store_schema
 from .projected import projected_grads
 from .projection import ProjectionSpec, logra
 from .stats import RunningStat, running_covariance, running_mean, running_variance
 from .store import LogStore, StoreSchema, model_fingerprint
+from .watch import watch
 
 __version__ = "0.1.0"
 __all__ = [
@@ -37,12 +39,15 @@ __all__ = [
     "RunningStat",
     "StoreSchema",
     "TopK",
+    "capture",
+    "capture_shapes",
     "check_unique",
     "content_ids",
     "ekfac",
     "exact_curvature",
     "fisher_logs",
     "fit_curvature",
+    "flatten_capture",
     "index_ids",
     "influence",
     "influence_chunks",
@@ -52,9 +57,9 @@ __all__ = [
     "log_dataset",
     "logra",
     "loo_correlation",
-    "pearson",
     "merge_states",
     "model_fingerprint",
+    "pearson",
     "per_sample_grads",
     "preconditioner",
     "projected_grads",
@@ -66,6 +71,9 @@ __all__ = [
     "save_state",
     "self_influence",
     "spearman",
+    "store_schema",
     "string_ids",
     "top_k",
+    "unflatten_capture",
+    "watch",
 ]

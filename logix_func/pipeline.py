@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .batch import ModelBatch
+from .capture import capture_shapes
 from .curvature import ekfac, fisher_logs, kfac, raw
 from .curvature.kfac import Fisher
 from .curvature.transform import layer_dims
@@ -38,9 +39,22 @@ def take(batch: Any, index: Tensor) -> Any:
     return (inputs, pick(targets))
 
 
-def store_schema(model: nn.Module, spec: Any, dtype: torch.dtype = torch.float32) -> StoreSchema:
-    """The schema of a store of ``spec``'s projected gradients of ``model``."""
+def store_schema(
+    model: nn.Module,
+    spec: Any,
+    dtype: torch.dtype = torch.float32,
+    *,
+    captures: Mapping[str, Mapping[str, Tensor]] | None = None,
+) -> StoreSchema:
+    """The schema of a store of ``spec``'s projected gradients of ``model``, and of the entries
+    ``"name.kind"`` of ``captures`` (an example :func:`~logix_func.capture.capture` result)."""
     layers = layer_dims(spec)
+    if captures is not None:
+        extra = capture_shapes(captures)
+        clash = sorted(set(extra) & set(layers))
+        if clash:
+            raise ValueError(f"captured entries {clash} have the names of gradient layers")
+        layers = {**layers, **extra}
     return StoreSchema(
         layers=layers, dtype=dtype, spec=spec.to_dict(), fingerprint=model_fingerprint(model)
     )

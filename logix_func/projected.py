@@ -43,6 +43,7 @@ from .layers import (
     mha_forward,
 )
 from .projection import ProjectionSpec
+from .watch import watch
 
 Tap = Callable[[str, Call, Tensor], Tensor]
 Grads = dict[str, Float[Tensor, "batch k_out k_in"]]
@@ -283,8 +284,15 @@ def _call_mask(layer: LayerSpec, mask: Tensor | None, v: Tensor) -> Bool[Tensor,
 class _Intercept(TorchFunctionMode):
     """Routes the covered layers' calls through ``tap`` while the model runs."""
 
-    def __init__(self, layers: dict[str, tuple[LayerSpec, Tensor]], batch: int, tap: Tap):
+    def __init__(
+        self,
+        layers: dict[str, tuple[LayerSpec, Tensor]],
+        batch: int,
+        tap: Tap,
+        on_watch: Callable[[str, Tensor], Tensor] | None = None,
+    ):
         super().__init__()
+        self.on_watch = on_watch  # receives the tensors passed to ``watch`` (capture only)
         self.by_call = {(layer.kind, id(w)): name for name, (layer, w) in layers.items()}
         self.covered = {id(w): name for name, (_, w) in layers.items()}
         self.calls = dict.fromkeys(layers, 0)
@@ -292,6 +300,8 @@ class _Intercept(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is watch and self.on_watch is not None:
+            return self.on_watch(*args, **kwargs)
         if func is F.multi_head_attention_forward and self.uses_covered(args, kwargs):
             return mha_forward(self.linear, lambda w: id(w) in self.covered, *args, **kwargs)
         if func is F.linear:
