@@ -182,10 +182,11 @@ def verdict(results: dict) -> list[str]:
                 continue
             best = min(fit, key=seconds)
             speedup = seconds(peer) / seconds(best)
+            cpu = sum(peer["stages_cpu_s"].values()) / sum(best["stages_cpu_s"].values())
             met = "met" if speedup >= GOAL else "**not met**"
             lines.append(
                 f"- {problem}, vs {label}: {best['label']} is {speedup:.1f}× faster "
-                f"({seconds(best):.2f} s vs {seconds(peer):.2f} s) at "
+                f"({seconds(best):.2f} s vs {seconds(peer):.2f} s; CPU time {cpu:.1f}×) at "
                 f"{best['accuracy']:.3f} vs {peer['accuracy']:.3f}: {GOAL:g}× goal {met}"
             )
     return lines
