@@ -197,25 +197,29 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, problem in zip(axes, PROBLEMS, strict=True):
-        for key, label, *_ in TOOLS:
+        for i, (key, label, *_) in enumerate(TOOLS):
             r = results[problem].get(key)
             if r is None or "error" in r:
                 continue
-            t = sum(r["stages_s"].values())
             marker = "o" if key.startswith("ours") else "s"
-            ax.scatter(t, r["accuracy"], s=60, marker=marker, label=label)
-            ax.annotate(
-                label, (t, r["accuracy"]), fontsize=8, xytext=(4, 4), textcoords="offset points"
-            )
+            t = sum(r["stages_s"].values())
+            ax.scatter(t, r["accuracy"], s=70, marker=marker, color=colors[i], label=label)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("end-to-end time (s, log scale)")
         ax.set_ylabel("LDS" if problem == "mlp" else "leave-one-out Pearson r")
         ax.set_title("digits MLP" if problem == "mlp" else "digits logistic regression")
         ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
 
 
