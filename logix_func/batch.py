@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Shaped
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -155,9 +154,12 @@ def summed_loss(outputs: Any, targets: Shaped[Tensor, "*batch"]) -> Float[Tensor
             f"default loss: logits of shape {tuple(logits.shape)} do not match integer targets "
             f"of shape {tuple(targets.shape)} (expected logits [..., classes]); pass loss_fn"
         )
-    return F.cross_entropy(
-        logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    # log_softmax + gather rather than F.cross_entropy: nll_loss has no vmap batching rule, and
+    # its decomposition costs seconds on the first call of a process.
+    targets = targets.flatten()
+    keep = targets != IGNORE_INDEX
+    picked = logits.flatten(0, -2).log_softmax(-1).gather(-1, targets.where(keep, 0)[:, None])
+    return -torch.where(keep, picked[:, 0], 0.0).sum()
 
 
 def is_causal_lm(model: nn.Module) -> bool:

@@ -97,8 +97,9 @@ class Snapshot:
             ids = self.all_ids()
             order = np.argsort(ids, kind="stable")
             ordered = ids[order]
-            repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
-            if len(repeated):
+            repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+            if len(repeated):  # np.unique only then: its first call imports numpy.ma (≈0.1 s)
+                repeated = np.unique(repeated)
                 raise DuplicateIdError(
                     f"data ids stored more than once in {self.root.url} (two writers logged "
                     f"them): {listed(self.schema.id_keys(repeated))}",

@@ -1,0 +1,125 @@
+"""What every runner of the comparison shares; torch, numpy and the standard library only.
+
+Each runner is a script run in its own process (ours with the project's python, the peers with
+the peers' virtualenv python):
+
+    python RUNNER.py PROBLEM.pt WORKDIR RESULT.json [--threads 1] [--batch-size 325]
+        [--options JSON]
+
+It loads the problem written by the orchestrator (model weights, train and query data), runs
+its tool's pipeline with WORKDIR as the only place it persists anything, and writes the scores
+``[Q, N]`` (``RESULT.npy``, positive = the training example helps the query) and a JSON record:
+the wall time of each stage, the peak resident memory and the bytes left in WORKDIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("problem")
+    parser.add_argument("workdir")
+    parser.add_argument("result")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=325)
+    parser.add_argument("--options", default="{}", help="tool options as JSON")
+    args = parser.parse_args()
+    args.options = json.loads(args.options)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return args
+
+
+def build_model(params: dict[str, torch.Tensor]) -> nn.Sequential:
+    """The problem's model with ``params`` loaded: the digits MLP (64-h-10, tanh) or the
+    logistic regression (one Linear(64, 10), wrapped so that every tool sees a named layer)."""
+    dtype = params["0.weight"].dtype
+    if "2.weight" in params:
+        width = params["0.weight"].shape[0]
+        model = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, 10))
+    else:
+        model = nn.Sequential(nn.Linear(64, 10))
+    model = model.to(dtype)
+    model.load_state_dict(params)
+    return model.eval()
+
+
+def load_problem(path: str) -> dict:
+    """``{"params", "train": (x, y), "query": (x, y), "name"}`` as written by the orchestrator."""
+    return torch.load(path, weights_only=True)
+
+
+def batches(data: tuple[torch.Tensor, torch.Tensor], size: int) -> list:
+    x, y = data
+    return list(zip(x.split(size), y.split(size), strict=True))
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+class Recorder:
+    """Stage wall times (and CPU times of the whole process) and memory of one pipeline run.
+
+    Memory: the kernel's resident-set high-water mark (VmHWM), reset when the pipeline starts
+    (after imports and data loading), so ``peak_mib`` is the largest resident size *during* the
+    pipeline and ``peak_extra_mib`` that minus the resident size at its start.
+    """
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.base_kib = _status_kib("VmRSS")
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str):
+        start, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
+        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
+
+    def finish(self, result: str, scores: torch.Tensor | np.ndarray, workdir: str, **extra):
+        total = time.perf_counter() - self.start
+        peak = _status_kib("VmHWM")
+        scores = np.asarray(torch.as_tensor(scores).detach().to(torch.float64).numpy())
+        np.save(Path(result).with_suffix(".npy"), scores)
+        record = {
+            "stages_s": self.stages,
+            "stages_cpu_s": self.cpu,
+            "total_s": total,
+            "peak_mib": peak / 1024,
+            "peak_extra_mib": (peak - self.base_kib) / 1024,
+            "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "disk_bytes": disk_bytes(workdir),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            **extra,
+        }
+        Path(result).write_text(json.dumps(record, indent=1))
+
+
+def disk_bytes(root: str) -> int:
+    """Bytes of every file under ``root`` (apparent sizes)."""
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    return total
