@@ -109,7 +109,11 @@ def rank_batches(loader: Iterable[Any], group: Group) -> Iterator[tuple[int, int
     in the same order: no unseeded shuffling.
     """
     rank, world = rank_world(group)
-    split = isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset)
+    split = (
+        isinstance(loader, DataLoader)
+        and loader.batch_sampler is not None
+        and not isinstance(loader.dataset, IterableDataset)
+    )
     if world > 1 and split:
         batches = [list(b) for b in loader.batch_sampler]
         _check_same_batches(batches, group)
@@ -154,6 +158,7 @@ def _reload(loader: DataLoader, batches: list[list[int]]) -> DataLoader:
         prefetch_factor=loader.prefetch_factor,
         persistent_workers=loader.persistent_workers,
         pin_memory_device=loader.pin_memory_device,
+        in_order=loader.in_order,
     )
 
 

@@ -79,8 +79,26 @@ def main(folder: str) -> None:
     except TypeError as e:
         fsdp_error = str(e)
 
+    errors = {}
+    mismatched = lf.kfac().init(lf.logra(model, rank=4 + rank, seed=0))  # another spec per rank
+    try:
+        lf.all_reduce_state(mismatched, group)
+    except ValueError as e:
+        errors["specs"] = str(e)
+    shuffled = DataLoader(  # shuffling seeded per rank: the ranks draw different batches
+        loader.dataset,
+        batch_size=loader.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(rank),
+    )
+    try:
+        next(lf.rank_batches(shuffled, group))
+    except ValueError as e:
+        errors["batches"] = str(e)
+
     torch.save(
         {
+            "errors": errors,
             "factors": factors,
             "top": tuple(lf.gather_top_k(scores, 5, group=group, ids=part_ids)),
             "bottom": tuple(lf.gather_top_k(scores, 5, group=group, ids=part_ids, largest=False)),
@@ -93,6 +111,7 @@ def main(folder: str) -> None:
         },
         f"{folder}/rank{rank}.pt",
     )
+    dist.barrier()  # no rank leaves while another still waits on a collective
     dist.destroy_process_group()
 
 

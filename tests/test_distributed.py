@@ -44,7 +44,7 @@ def problem(tmp_path_factory):
     data = digits_split(torch.float32)
     x, y = data.train_x[:N_TRAIN], data.train_y[:N_TRAIN]
     model = mlp_model(dtype=torch.float32)
-    params = train_mlp(x, y, 0, steps=100)
+    params = train_mlp(x, y, 0, steps=50)
     spec = lf.logra(model, rank=4, seed=0)
     setup = {
         "params": params,
@@ -131,6 +131,8 @@ def test_two_ranks_equal_one_process_and_resume_after_a_kill(problem):
         for name, value in setup["params"].items():
             assert torch.equal(result["fsdp_params"][name], value)
         assert "fully_shard" in result["fsdp_error"] and "full_params" in result["fsdp_error"]
+        assert "different projection specs" in result["errors"]["specs"]
+        assert "different batches" in result["errors"]["batches"]
 
 
 def test_store_part_blocks_cover_the_store_in_order(tmp_path):
@@ -172,3 +174,10 @@ def test_example_runs_under_torchrun(tmp_path):
     out = run.stdout.decode()
     assert f"2 ranks, 1300 training rows at {tmp_path / 'store'}" in out
     assert out.count("proponents: #") == 1 and out.count("opponents: #") == 1
+
+
+def test_rank_batches_alone_yields_every_batch_with_its_offset():
+    data = TensorDataset(torch.arange(10.0)[:, None], torch.arange(10))
+    for loader in (DataLoader(data, batch_size=4), list(DataLoader(data, batch_size=4))):
+        got = [(i, offset, batch[1].tolist()) for i, offset, batch in lf.rank_batches(loader, None)]
+        assert got == [(0, 0, [0, 1, 2, 3]), (1, 4, [4, 5, 6, 7]), (2, 8, [8, 9])]
