@@ -15,6 +15,16 @@ from .curvature import (
     sample_targets,
     save_state,
 )
+from .distributed import (
+    all_reduce_state,
+    broadcast_state,
+    full_params,
+    gather_scores,
+    gather_top_k,
+    local_model,
+    rank_batches,
+    store_part,
+)
 from .grads import per_sample_grads
 from .ids import DuplicateIdError, IndexedDataset, check_unique, content_ids, index_ids, string_ids
 from .influence import TopK, influence, influence_chunks, self_influence, top_k
@@ -39,6 +49,8 @@ __all__ = [
     "RunningStat",
     "StoreSchema",
     "TopK",
+    "all_reduce_state",
+    "broadcast_state",
     "capture",
     "capture_shapes",
     "check_unique",
@@ -48,12 +60,16 @@ __all__ = [
     "fisher_logs",
     "fit_curvature",
     "flatten_capture",
+    "full_params",
+    "gather_scores",
+    "gather_top_k",
     "index_ids",
     "influence",
     "influence_chunks",
     "kfac",
     "lds",
     "load_state",
+    "local_model",
     "log_dataset",
     "logra",
     "loo_correlation",
@@ -63,6 +79,7 @@ __all__ = [
     "per_sample_grads",
     "preconditioner",
     "projected_grads",
+    "rank_batches",
     "raw",
     "running_covariance",
     "running_mean",
@@ -71,6 +88,7 @@ __all__ = [
     "save_state",
     "self_influence",
     "spearman",
+    "store_part",
     "store_schema",
     "string_ids",
     "top_k",

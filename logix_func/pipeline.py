@@ -2,6 +2,8 @@
 
 ``log_dataset`` appends projected gradients of every example to a store (resuming where a
 previous run stopped); ``fit_curvature`` runs the KFAC (and EKFAC) passes and returns factors.
+Both take a ``torch.distributed`` process group: each rank then handles the batches
+:func:`~logix_func.distributed.rank_batches` gives it, and the results equal a single process's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ from .capture import capture_shapes
 from .curvature import ekfac, fisher_logs, kfac, raw
 from .curvature.kfac import Fisher
 from .curvature.transform import layer_dims
+from .distributed import (
+    Group,
+    all_reduce_state,
+    broadcast_state,
+    local_model,
+    rank_batches,
+    rank_world,
+)
 from .projected import projected_grads
 from .store import LogStore, StoreSchema, model_fingerprint
 
@@ -71,6 +81,7 @@ def log_dataset(
     ids: IdsFn = position_ids,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    group: Group = None,
 ) -> LogStore:
     """Append the projected gradient of every example of ``loader`` to ``store``.
 
@@ -78,9 +89,16 @@ def log_dataset(
     Examples whose data id is already committed are skipped, so a rerun after a crash resumes
     without duplicates or gaps. ``ids(batch, offset)`` names the examples of a batch
     (default: positions in the loader's order). Returns the store, flushed.
+
+    With a process ``group`` every rank passes the same loader and logs its batches
+    (``i % world == rank``) as writer ``rank`` of the store; the ranks then wait for each other,
+    so the returned store shows every rank's rows. A DDP-wrapped model is unwrapped.
     """
+    model = local_model(model)
+    rank, world = rank_world(group)
     if isinstance(store, str):
-        store = LogStore.create(store, store_schema(model, spec, dtype), exist_ok=True)
+        schema = store_schema(model, spec, dtype)
+        store = LogStore.create(store, schema, writer=rank, exist_ok=True)
     expected = spec.to_dict()
     if store.schema.spec != expected:
         raise ValueError(
@@ -88,11 +106,12 @@ def log_dataset(
             "log to a new store or use the spec it records (ProjectionSpec.from_dict)"
         )
     done = store.committed_ids()
-    offset = 0
-    total = len(loader) if hasattr(loader, "__len__") else None
-    for batch in tqdm(loader, total=total, desc="logging", unit="batch", disable=not progress):
+    total = -(-len(loader) // world) if hasattr(loader, "__len__") else None
+    mine = rank_batches(loader, group)
+    for _, offset, batch in tqdm(
+        mine, total=total, desc="logging", unit="batch", disable=not progress
+    ):
         batch_ids = ids(batch, offset)
-        offset += len(batch_ids)
         keys = batch_ids.tolist() if isinstance(batch_ids, Tensor) else list(batch_ids)
         todo = [i for i, key in enumerate(keys) if key not in done]
         if not todo:
@@ -105,6 +124,11 @@ def log_dataset(
         rows = projected_grads(model, params, batch, spec, loss_fn=loss_fn)
         store.append(batch_ids, {k: v.to(dtype) for k, v in rows.items()})
     store.flush()
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.barrier(group=group)
+        store.refresh()
     return store
 
 
@@ -119,37 +143,49 @@ def fit_curvature(
     seed: int = 0,
     loss_fn: Any = None,
     progress: bool = True,
+    group: Group = None,
 ) -> dict[str, Any]:
     """Curvature factors of ``model`` over ``loader`` (one pass; two for EKFAC).
 
     Batch ``i`` draws its labels with seed ``seed + i`` (``fisher="true"``), the same in both
     EKFAC passes, so the eigenvalue correction sees the labels the factors were fitted on.
+
+    With a process ``group`` every rank passes the same loader and accumulates its batches
+    (``i % world == rank``, still seeded ``seed + i``); the states are summed over the ranks
+    before finalizing, and the first rank's factors (KFAC's before the EKFAC pass too) are
+    broadcast, so every rank returns those of a single process over the whole loader.
     """
+    model = local_model(model)
+    device = next(iter(params.values())).device
 
     def passes(desc: str):
-        bar = tqdm(loader, desc=desc, unit="batch", disable=not progress)
-        for i, batch in enumerate(bar):
+        bar = tqdm(rank_batches(loader, group), desc=desc, unit="batch", disable=not progress)
+        for i, _, batch in bar:
             yield fisher_logs(
                 model, params, batch, spec, fisher=fisher, seed=seed + i, loss_fn=loss_fn
             )
 
+    def finalize(transform: Any, state: dict[str, Any]) -> dict[str, Any]:
+        factors = transform.finalize(all_reduce_state(state, group))
+        return broadcast_state(factors, group)
+
     if method == "raw":
         transform = raw()
-        state = transform.init(spec)
+        state = transform.init(spec, device)
         for grads, _ in passes("raw covariance"):
             state = transform.update(state, grads)
-        return transform.finalize(state)
+        return finalize(transform, state)
     if method not in ("kfac", "ekfac"):
         raise ValueError(f"method must be 'kfac', 'ekfac' or 'raw', got {method!r}")
     k = kfac(fisher)
-    state = k.init(spec)
+    state = k.init(spec, device)
     for _, logs in passes("KFAC"):
         state = k.update(state, logs)
-    factors = k.finalize(state)
+    factors = finalize(k, state)
     if method == "kfac":
         return factors
     e = ekfac(factors)
-    state = e.init()
+    state = e.init(device)
     for grads, _ in passes("EKFAC"):
         state = e.update(state, grads)
-    return e.finalize(state)
+    return finalize(e, state)

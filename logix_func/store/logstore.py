@@ -232,17 +232,25 @@ class LogStore:
         layers: Sequence[str] | None = None,
         chunk_rows: int | None = None,
         prefetch: int = 1,
+        *,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Iterator[tuple[Ids, dict[str, Tensor]]]:
-        """Yield ``(ids, {layer: [n, *shape]})`` over all committed rows in read order.
+        """Yield ``(ids, {layer: [n, *shape]})`` over the committed rows in read order.
 
         ``n <= chunk_rows`` (default: the stored chunk size; a chunk never spans two writers'
         shards). While the caller works on a chunk, the next ``prefetch`` are read in the
-        background (more read-ahead costs CPU: each read maps chunk files).
+        background (more read-ahead costs CPU: each read maps chunk files). ``start``/``stop``
+        restrict the rows to read positions ``[start, stop)`` (e.g. one rank's block).
         """
         chunk_rows = self.schema.chunk_rows if chunk_rows is None else int(chunk_rows)
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
-        return self._snap().chunks(layers, chunk_rows, max(0, prefetch))
+        snap = self._snap()
+        stop = len(snap) if stop is None else stop
+        if not 0 <= start <= stop <= len(snap):
+            raise IndexError(f"rows [{start}, {stop}) out of range for a store of {len(snap)} rows")
+        return snap.chunks(layers, chunk_rows, max(0, prefetch), start, stop)
 
     def read(
         self, data_ids: Any, layers: Sequence[str] | None = None

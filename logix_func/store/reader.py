@@ -109,15 +109,22 @@ class Snapshot:
         return self._index
 
     def chunks(
-        self, layers: Sequence[str] | None, chunk_rows: int, prefetch: int
+        self,
+        layers: Sequence[str] | None,
+        chunk_rows: int,
+        prefetch: int,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Iterator[tuple[Ids, dict[str, Tensor]]]:
-        """Row ranges of at most ``chunk_rows`` (never across shards); while the caller works on
-        one, the next ``prefetch`` are being read."""
+        """Row ranges of at most ``chunk_rows`` (never across shards) within positions
+        ``[start, stop)``; while the caller works on one, the next ``prefetch`` are being read."""
         keys = self._keys(layers)
+        stop = len(self) if stop is None else stop
         pieces = iter(
-            (w, slice(a, min(a + chunk_rows, n)))
-            for w, n in self.counts
-            for a in range(0, n, chunk_rows)
+            (w, slice(a, min(a + chunk_rows, hi)))
+            for (w, n), offset in zip(self.counts, self.offsets, strict=False)
+            for lo, hi in [(max(start - int(offset), 0), min(stop - int(offset), n))]
+            for a in range(lo, hi, chunk_rows)
         )
         pending: deque[dict] = deque()
         while True:
