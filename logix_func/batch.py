@@ -99,7 +99,9 @@ def _common_batch_size(tensors: dict[str, Any]) -> int:
 
 def unsqueeze_sample(tensors: dict[str, Any]) -> dict[str, Any]:
     """Give every leaf of one sample a leading batch dimension of 1."""
-    return torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), tensors)
+    return torch.utils._pytree.tree_map(
+        lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, tensors
+    )
 
 
 def logits_of(outputs: Any) -> Float[Tensor, "*shape"]:

@@ -124,7 +124,7 @@ def _layer_params(
         w = every[layer.weight]
         expected = (
             (layer.in_features, layer.out_features)
-            if layer.kind == "embedding"
+            if layer.weight_transposed
             else (layer.out_features, layer.in_features)
         )
         bias_ok = layer.bias is None or every[layer.bias].shape == (layer.out_features,)
@@ -154,7 +154,7 @@ def _mover(
     def move(z: Tensor) -> dict[str, Tensor]:
         m = p_out.T @ z @ p_in  # [out, in']
         dw = m[:, : layer.in_features]
-        dw = dw.T if layer.kind == "embedding" else dw
+        dw = dw.T if layer.weight_transposed else dw
         moved = {**base, weight: w0 + dw.reshape(w0.shape)}
         if bias is not None:
             moved[bias] = base[bias] + m[:, layer.in_features]

