@@ -24,6 +24,7 @@ from .projected import projected_grads
 from .projection import ProjectionSpec, logra
 from .stats import RunningStat, running_covariance, running_mean, running_variance
 from .store import LogStore, StoreSchema, model_fingerprint
+from .tokens import token_influence
 
 __version__ = "0.1.0"
 __all__ = [
@@ -67,5 +68,6 @@ __all__ = [
     "self_influence",
     "spearman",
     "string_ids",
+    "token_influence",
     "top_k",
 ]

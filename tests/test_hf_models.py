@@ -50,13 +50,13 @@ def llama(tie=False, dtype=torch.float64):
 
 
 def lm_batch(batch=3, length=9, seed=2):
-    """Right-padded token batch: sample 1 is padded, sample 2 has an ignored label."""
+    """Right-padded token batch: sample 1 is padded, the last has an ignored label."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch, length), generator=gen)
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[1, length - 3 :] = 0
     labels = ids.masked_fill(mask == 0, -100)
-    labels[2, 4] = -100
+    labels[-1, 4] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -192,3 +192,84 @@ def test_real_minilm_with_padding_and_a_regression_loss():
     actual = lf.projected_grads(model, params_of(model), batch, spec, loss_fn=cls_regression)
     expected = projected_reference(spec, loop_grads(model, batch, cls_regression))
     assert_close_dicts(actual, expected, rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# influence and per-token scores
+
+
+def test_training_sequence_is_its_own_most_influential_under_ekfac():
+    model = gpt2()
+    spec = lf.logra(model, rank=6, seed=5)
+    params = params_of(model)
+    train = lm_batch(batch=8, length=10, seed=7)
+    factors = lf.fit_curvature(model, params, [train], spec, method="ekfac", progress=False)
+    pre = lf.preconditioner(factors, damping=1e-3)
+    rows = lf.projected_grads(model, params, train, spec)
+    scores = lf.influence(rows, rows, preconditioner=pre)  # queries = the training sequences
+    assert scores.shape == (8, 8)
+    assert torch.equal(scores.argmax(dim=1), torch.arange(8))
+    assert torch.equal(scores.argmax(dim=0), torch.arange(8))
+
+
+def position_grads(model, batch, modules):
+    """``{module: [B, T, out, in + 1]}``: gradient of each sequence's loss with respect to a
+    weight perturbation applied at one position only (forward hooks, test reference)."""
+    length = batch["input_ids"].shape[1]
+    out = {name: [] for name in modules}
+    for i in range(batch["input_ids"].shape[0]):
+        zs, handles = {}, []
+        for name in modules:
+            module = model.get_submodule(name)
+            w = module.weight
+            d_in, d_out = w.shape if name.endswith(("c_attn", "c_fc", "c_proj")) else w.T.shape
+            zs[name] = torch.zeros(length, d_out, d_in + 1, dtype=w.dtype, requires_grad=True)
+
+            def hook(mod, inputs, y, z=zs[name]):
+                x = inputs[0]
+                x1 = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
+                return y + torch.einsum("bti,toi->bto", x1, z)
+
+            handles.append(module.register_forward_hook(hook))
+        sample = {k: v[i : i + 1] for k, v in batch.items() if k != "labels"}
+        loss = causal_loss(model(**sample), batch["labels"][i : i + 1])
+        for h in handles:
+            h.remove()
+        for name, g in zip(modules, torch.autograd.grad(loss, list(zs.values())), strict=True):
+            out[name].append(g)
+    return {name: torch.stack(gs) for name, gs in out.items()}
+
+
+def test_token_influence_equals_per_position_gradients_and_sums_to_the_score():
+    model = gpt2()
+    modules = [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "mlp.c_proj")]
+    spec = lf.logra(model, rank=(4, 5), layers=modules, seed=6)
+    params = params_of(model)
+    queries, train = lm_batch(batch=2, seed=8), lm_batch(batch=3, seed=9)
+    query_rows = projected_reference(spec, loop_grads(model, queries))
+    _, logs = lf.projected_grads(model, params, train, spec, return_activations=True)
+    scores = lf.token_influence(query_rows, logs)
+    assert scores.shape == (2, 3, 9)
+    per_position = position_grads(model, train, modules)
+    expected = 0
+    for name in modules:
+        p_out, p_in = spec.matrices(name, dtype=torch.float64)
+        g = p_out @ per_position[name] @ p_in.T  # [B, T, k_out, k_in]
+        expected = expected + torch.einsum("qkj,ntkj->qnt", query_rows[name], g)
+    torch.testing.assert_close(scores, expected)
+    assert (scores[:, 1, -3:] == 0).all()  # padded positions
+
+
+def test_token_influence_of_tied_embeddings_sums_to_the_preconditioned_score():
+    model = gpt2()
+    spec = lf.logra(model, rank=4, seed=2)  # transformer.wte covers the tied head too
+    params = params_of(model)
+    train, queries = lm_batch(batch=4, seed=3), lm_batch(batch=2, seed=4)
+    factors = lf.fit_curvature(model, params, [train], spec, method="kfac", progress=False)
+    pre = lf.preconditioner(factors, damping=1e-2)
+    rows, logs = lf.projected_grads(model, params, train, spec, return_activations=True)
+    assert logs["transformer.wte"]["activations"].shape[1] == 2 * 9  # embedding + head tokens
+    query_rows = lf.projected_grads(model, params, queries, spec)
+    scores = lf.token_influence(query_rows, logs, preconditioner=pre)
+    expected = lf.influence(query_rows, rows, preconditioner=pre).double()
+    torch.testing.assert_close(scores.sum(-1), expected, rtol=1e-5, atol=1e-6)
