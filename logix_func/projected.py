@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
@@ -264,7 +265,11 @@ class _Pass:
             es[name].append(y.new_zeros((), requires_grad=True).expand(y.shape))
             return es[name][-1]
 
-        with torch.enable_grad():
+        # the pass's weights stay in the model through the backward too: a non-reentrant
+        # checkpointed block recomputes its forward there, and must see the same tensors
+        merged = {k: v for part in self.weights for k, v in part.items()}
+        in_place = _reparametrize_module(self.model, merged, tie_weights=True)
+        with torch.enable_grad(), in_place:
             outputs = self.forward(tensors, batch, self.input_tap(inputs, batch, zero_leaf))
             flat = [e for name in self.uses for e in es[name]]
             grads = torch.autograd.grad(

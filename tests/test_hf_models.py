@@ -273,3 +273,96 @@ def test_token_influence_of_tied_embeddings_sums_to_the_preconditioned_score():
     scores = lf.token_influence(query_rows, logs, preconditioner=pre)
     expected = lf.influence(query_rows, rows, preconditioner=pre).double()
     torch.testing.assert_close(scores.sum(-1), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# precision and gradient checkpointing
+
+
+def relative_errors(actual, expected):
+    return {
+        n: float((actual[n].double() - expected[n]).norm() / expected[n].norm()) for n in actual
+    }
+
+
+@pytest.mark.parametrize("make", [gpt2, llama])
+def test_half_precision_model_and_autocast_are_close_to_float32(make):
+    model = make(dtype=torch.float32)
+    spec = lf.logra(model, rank=4, seed=0)
+    batch = lm_batch()
+    expected = projected_reference(spec, loop_grads(model, batch))
+    float32 = lf.projected_grads(model, params_of(model), batch, spec)
+    assert max(relative_errors(float32, expected).values()) < 1e-5
+    bf16 = make(dtype=torch.bfloat16)
+    low = lf.projected_grads(bf16, params_of(bf16), batch, spec)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = lf.projected_grads(model, params_of(model), batch, spec)
+    for grads in (low, auto):
+        assert all(g.dtype == torch.float32 for g in grads.values())  # token sums in float32
+        errors = relative_errors(grads, expected)
+        assert max(errors.values()) < 0.05, errors  # bfloat16 keeps 8 bits: ~0.4% per rounding
+
+
+def perturbed(model, scale=0.05):
+    gen = torch.Generator().manual_seed(11)
+    return {
+        n: (p + scale * torch.randn(p.shape, generator=gen, dtype=p.dtype)).detach()
+        for n, p in model.named_parameters()
+    }
+
+
+def checkpointing(model, kwargs):
+    """``activation_checkpointing_enable`` (transformers 5), ``gradient_checkpointing_enable``
+    before."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("make", [gpt2, llama])
+def test_hf_gradient_checkpointing_gives_the_same_projected_grads(make):
+    model = make()
+    spec = lf.logra(model, rank=4, seed=0)
+    batch, params = lm_batch(), perturbed(model)  # not the model's own values
+    expected = lf.projected_grads(model, params, batch, spec)
+    checkpointing(model, {"use_reentrant": False})
+    model.train()  # HF checkpoints only in training mode (no dropout in these configs)
+    assert_close_dicts(lf.projected_grads(model, params, batch, spec), expected, 1e-12, 1e-12)
+    checkpointing(model, {"use_reentrant": True})
+    with pytest.raises(RuntimeError, match="use_reentrant=True"):
+        lf.projected_grads(model, params, batch, spec)
+
+
+class Checkpointed(torch.nn.Module):
+    """An MLP whose hidden block runs under torch.utils.checkpoint (``reentrant`` None: not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reentrant = None
+        self.inp, self.hidden, self.out = (
+            torch.nn.Linear(a, b) for a, b in ((4, 8), (8, 8), (8, 3))
+        )
+
+    def forward(self, x):
+        def block(h):
+            return torch.tanh(self.hidden(torch.tanh(h)))
+
+        h = self.inp(x)
+        if self.reentrant is None:
+            return self.out(block(h))
+        return self.out(torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.reentrant))
+
+
+def test_torch_checkpoint_in_forward():
+    torch.manual_seed(0)
+    model = Checkpointed().double()
+    batch = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    spec = lf.logra(model, rank=None)
+    params = perturbed(model)
+    expected = projected_reference(spec, lf.per_sample_grads(model, params, batch))
+    model.reentrant = False
+    assert_close_dicts(lf.projected_grads(model, params, batch, spec), expected)
+    model.reentrant = True
+    with pytest.raises(RuntimeError, match="gradients disabled"):
+        lf.projected_grads(model, params, batch, spec)
