@@ -326,7 +326,16 @@ class _Pass:
             or torch._C._functorch.peek_interpreter_stack() is not None
         )
         run = self.deltas_functional if transformed else self.deltas_autograd
-        deltas, inputs = run(tensors, batch)
+        try:
+            deltas, inputs = run(tensors, batch)
+        except RuntimeError as err:
+            if "saved tensor hooks" not in str(err):
+                raise
+            raise RuntimeError(
+                "the model uses non-reentrant gradient checkpointing (torch.utils.checkpoint), "
+                "which torch.func transforms do not support; projected_grads uses them under "
+                "torch.compile and inside vmap/grad. Call it eagerly, or disable checkpointing"
+            ) from err
         mask = _token_mask(tensors)
         grads, records = {}, {}
         g_of = {name: [] for name in self.layers}

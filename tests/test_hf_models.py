@@ -28,6 +28,8 @@ def gpt2(n_layer=2, n_embd=32, dtype=torch.float64, **kw):
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
         **kw,
     )
     torch.manual_seed(0)
@@ -363,6 +365,23 @@ def test_torch_checkpoint_in_forward():
     expected = projected_reference(spec, lf.per_sample_grads(model, params, batch))
     model.reentrant = False
     assert_close_dicts(lf.projected_grads(model, params, batch, spec), expected)
+    stacked = {n: p.unsqueeze(0) for n, p in params.items()}
+    with pytest.raises(RuntimeError, match="non-reentrant gradient checkpointing"):
+        torch.func.vmap(lambda p: lf.projected_grads(model, p, batch, spec))(stacked)
     model.reentrant = True
     with pytest.raises(RuntimeError, match="gradients disabled"):
         lf.projected_grads(model, params, batch, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_compiled_fullgraph_gpt2_equals_eager():
+    model = gpt2(n_layer=1)  # compile time grows with the layers: one is enough here
+    spec = lf.logra(model, rank=4, seed=0)
+    batch, params = lm_batch(), params_of(model)
+    eager = lf.projected_grads(model, params, batch, spec)
+    torch._dynamo.reset()
+    run = torch.compile(lambda p, b: lf.projected_grads(model, p, b, spec), fullgraph=True)
+    assert_close_dicts(run(params, batch), eager, rtol=1e-10, atol=1e-13)
