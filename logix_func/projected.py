@@ -160,14 +160,15 @@ def _tied_uses(
     own bias is a parameter of its own, not covered.
     """
     every = dict(model.named_parameters(remove_duplicate=False))
-    owner_of = {id(every[layer.weight]): name for name, (layer, _) in layers.items()}
-    if len(owner_of) < len(layers):
-        shared = sorted(layers)
-        raise ValueError(
-            f"spec layers share one weight (tied parameters) among {shared}: a spec lists a "
-            "shared weight once, and every module using it adds to that layer's gradient; "
-            "build the spec with logra(), which does this"
-        )
+    owner_of: dict[int, str] = {}
+    for name, (layer, _) in layers.items():
+        first = owner_of.setdefault(id(every[layer.weight]), name)
+        if first != name:
+            raise ValueError(
+                f"spec layers {first!r} and {name!r} share one weight (tied parameters): a spec "
+                "lists a shared weight once, and every module using it adds to that layer's "
+                "gradient; build the spec with logra(), which does this"
+            )
     tied = {}
     for name, use in projectable_layers(model).items():
         owner = owner_of.get(id(every[use.weight]))
@@ -185,6 +186,8 @@ def _tied_uses(
                 "embedding layers without bias on the covered one; exclude "
                 f"{owner!r} from the spec (logra(..., layers=[...]))"
             )
+        if use.kind == layer.kind:
+            continue  # the same call as the layer's own, on the same weight: already its tokens
         ranks = (layer.rank_in, layer.rank_out) if swapped else (layer.rank_out, layer.rank_in)
         tied[name] = (owner, replace(use, bias=None).with_ranks(*ranks), swapped)
     return tied

@@ -385,3 +385,28 @@ def test_compiled_fullgraph_gpt2_equals_eager():
     torch._dynamo.reset()
     run = torch.compile(lambda p, b: lf.projected_grads(model, p, b, spec), fullgraph=True)
     assert_close_dicts(run(params, batch), eager, rtol=1e-10, atol=1e-13)
+
+
+class SharedWeight(torch.nn.Module):
+    """Two linear layers with one weight; the second has a bias of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_weight_shared_in_the_same_layout_and_refused_ties():
+    torch.manual_seed(0)
+    model = SharedWeight().double()
+    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 4, (6,)))
+    spec = lf.logra(model, rank=3, seed=1)
+    assert list(spec.layers) == ["a"]  # covered once; b's bias is not covered
+    expected = projected_reference(spec, lf.per_sample_grads(model, params_of(model), batch))
+    assert_close_dicts(lf.projected_grads(model, params_of(model), batch, spec), expected)
+    with_bias = lf.logra(model, rank=3, layers=["b"])  # the covering layer has a bias
+    with pytest.raises(ValueError, match="shares the weight of covered layer 'b'"):
+        lf.projected_grads(model, params_of(model), batch, with_bias)
