@@ -104,6 +104,25 @@ def unsqueeze_sample(tensors: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def summed_sample_losses(
+    loss_of: Callable[[Any, dict[str, Any]], Tensor], outputs: Any, tensors: dict[str, Any]
+) -> Float[Tensor, ""]:
+    """Sum over the batch of every sample's loss, from the batched outputs.
+
+    ``vmap`` over the samples: ``loss_of(outputs, sample)`` sees each one as a batch of one. The
+    outputs' tensor leaves are split by sample; other leaves (a Hugging Face cache object, say)
+    are passed as they are.
+    """
+    leaves, tree = torch.utils._pytree.tree_flatten(outputs)
+    in_dims = [0 if isinstance(t, Tensor) else None for t in leaves]
+
+    def one(leaves: list[Any], sample: dict[str, Any]) -> Tensor:
+        out = torch.utils._pytree.tree_unflatten(leaves, tree)
+        return loss_of(unsqueeze_sample(out), unsqueeze_sample(sample))
+
+    return torch.func.vmap(one, in_dims=(in_dims, 0))(leaves, tensors).sum()
+
+
 def logits_of(outputs: Any) -> Float[Tensor, "*shape"]:
     """The logits of a model's outputs: a tensor, a ``.logits`` attribute, or the first item."""
     if isinstance(outputs, Tensor):

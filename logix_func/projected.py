@@ -44,9 +44,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_map
 
-from .batch import LossFn, ModelBatch, sample_loss, unsqueeze_sample
+from .batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
 from .checks import check_modes, check_params
 from .grads import split_weights
 from .layers import (
@@ -234,19 +234,7 @@ class _Pass:
 
     def loss(self, outputs: Any, tensors: dict[str, Any]) -> Tensor:
         """Sum of the samples' losses, each computed on its own (batch of one)."""
-
-        def one(out: Any, sample: dict[str, Any]) -> Tensor:
-            return self.loss_of(unsqueeze_sample(out), unsqueeze_sample(sample))
-
-        # leaves, not the output object: a model output drops fields that in_dims would set to
-        # None (a Hugging Face output holding a cache object, say)
-        leaves, tree = tree_flatten(outputs)
-        in_dims = [0 if isinstance(t, Tensor) else None for t in leaves]
-
-        def one_of_leaves(leaves: list[Any], sample: dict[str, Any]) -> Tensor:
-            return one(tree_unflatten(leaves, tree), sample)
-
-        return torch.func.vmap(one_of_leaves, in_dims=(in_dims, 0))(leaves, tensors).sum()
+        return summed_sample_losses(self.loss_of, outputs, tensors)
 
     def input_tap(self, inputs: dict[str, list[Tensor]], batch: int, add: Tap) -> Tap:
         """Records the call's projected inputs, then adds ``add(...)`` (a zero) to its output."""

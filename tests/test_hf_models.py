@@ -410,3 +410,25 @@ def test_weight_shared_in_the_same_layout_and_refused_ties():
     with_bias = lf.logra(model, rank=3, layers=["b"])  # the covering layer has a bias
     with pytest.raises(ValueError, match="shares the weight of covered layer 'b'"):
         lf.projected_grads(model, params_of(model), batch, with_bias)
+
+
+def test_exact_curvature_of_a_conv1d_layer_follows_its_layout():
+    model = gpt2(n_layer=1)
+    name = "transformer.h.0.attn.c_proj"
+    spec = lf.logra(model, rank=(3, 4), layers=[name], seed=0)
+    batch = lm_batch(batch=2)
+    params = params_of(model)
+    got = lf.exact_curvature(model, params, batch, spec, kind="hessian")["layers"][name]["C"]
+    p_out, p_in = spec.matrices(name, dtype=torch.float64)
+    w, b = (params[f"{name}.{k}"].detach() for k in ("weight", "bias"))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def mean_loss(z):
+        m = p_out.T @ z @ p_in  # [out, in + 1]: the gradient layout, weightᵀ then the bias
+        moved = {f"{name}.weight": w + m[:, :-1].T, f"{name}.bias": b + m[:, -1]}
+        outputs = torch.func.functional_call(model, moved, (), inputs)
+        return causal_loss(outputs, batch["labels"]) / 2
+
+    zero = torch.zeros(3, 4, dtype=torch.float64)
+    expected = torch.func.jacrev(torch.func.jacrev(mean_loss))(zero).reshape(12, 12)
+    torch.testing.assert_close(got, expected)

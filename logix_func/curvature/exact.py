@@ -21,9 +21,9 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..batch import LossFn, ModelBatch, sample_loss, unsqueeze_sample
+from ..batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
 from ..checks import check_modes, check_params
 from ..grads import split_weights
 from .kfac import eigh64
@@ -176,15 +176,18 @@ def _block(
     """``Σ_samples`` curvature of one layer on one batch: ``[k, k]``."""
     tensors = mb.tensors
 
-    def outputs(z: Tensor) -> Any:
-        return mb.call(model, (move(z), buffers), tensors)
+    structure: dict[str, Any] = {}
 
-    def total(out: Any) -> Tensor:
-        def one(o: Any, sample: dict[str, Any]) -> Tensor:
-            return loss_of(unsqueeze_sample(o), unsqueeze_sample(sample))
+    def outputs(z: Tensor) -> list[Tensor]:
+        """The model's output tensors (its other leaves, a cache object say, kept aside)."""
+        leaves, structure["tree"] = tree_flatten(mb.call(model, (move(z), buffers), tensors))
+        structure["leaves"] = leaves
+        return [t for t in leaves if isinstance(t, Tensor)]
 
-        in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, out)
-        return torch.func.vmap(one, in_dims=(in_dims, 0))(out, tensors).sum()
+    def total(out: list[Tensor]) -> Tensor:
+        given = iter(out)
+        leaves = [next(given) if isinstance(t, Tensor) else t for t in structure["leaves"]]
+        return summed_sample_losses(loss_of, tree_unflatten(leaves, structure["tree"]), tensors)
 
     if kind == "hessian":
         gradient = torch.func.grad(lambda z: total(outputs(z)))
