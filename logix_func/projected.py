@@ -360,9 +360,9 @@ def _check_grad_enabled(name: str) -> None:
         raise RuntimeError(
             f"covered layer {name!r} ran with gradients disabled inside the model's forward "
             "(torch.no_grad, or torch.utils.checkpoint with use_reentrant=True, whose forward runs "
-            "without gradients): its gradient cannot be seen. Use non-reentrant checkpointing, "
-            "e.g. model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
-            '{"use_reentrant": False}) or checkpoint(..., use_reentrant=False)'
+            "without gradients): its gradient cannot be seen. Use non-reentrant checkpointing: "
+            "checkpoint(..., use_reentrant=False), or {'use_reentrant': False} as a transformers "
+            "model's activation_checkpointing_enable / gradient_checkpointing_enable kwargs"
         )
 
 
