@@ -35,6 +35,7 @@ from .projected import projected_grads
 from .projection import ProjectionSpec, logra
 from .stats import RunningStat, running_covariance, running_mean, running_variance
 from .store import LogStore, StoreSchema, model_fingerprint
+from .tokens import token_influence
 from .watch import watch
 
 __version__ = "0.1.0"
@@ -91,6 +92,7 @@ __all__ = [
     "store_part",
     "store_schema",
     "string_ids",
+    "token_influence",
     "top_k",
     "unflatten_capture",
     "watch",

@@ -10,6 +10,11 @@ and ``δ_t`` is the gradient of the loss with respect to the layer's output at t
 * ``conv1d`` / ``conv2d``: ``in = C_in/groups · kernel size``, inputs are the unfolded patches
   (channel-major, as ``weight.flatten(1)``); tokens are the output positions. With ``groups > 1``
   every (group, position) pair is a token whose ``δ`` is zero outside the group's channels.
+* ``transposed_linear``: a linear layer that stores its weight as ``[in, out]`` and computes
+  ``torch.addmm(bias, x.view(-1, in), weight)`` (``transformers.pytorch_utils.Conv1D`` of GPT-2,
+  recognised by class name and layout without importing transformers). ``G`` is the gradient of
+  ``weightᵀ`` (``[out, in]``, as for ``nn.Linear``), so ``G [:, :in] = weight.gradᵀ``. The rows of
+  ``x.view(-1, in)`` are taken as batch-major (a batch-first input), which is what Conv1D does.
 * ``embedding``: ``weight [num, dim]`` is seen as a linear layer with ``out = dim``,
   ``in = num`` and one-hot inputs, so ``G`` is the *transpose* of ``weight.grad``; tokens equal to
   ``padding_idx`` have no gradient and are left out.
@@ -30,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-KINDS = ("linear", "conv1d", "conv2d", "embedding")
+KINDS = ("linear", "conv1d", "conv2d", "embedding", "transposed_linear")
+TRANSPOSED_KINDS = ("embedding", "transposed_linear")  # weight stored [in, out]
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,11 @@ class LayerSpec:
     def in_size(self) -> int:
         """Columns of the gradient matrix: inputs plus the bias column."""
         return self.in_features + (self.bias is not None)
+
+    @property
+    def weight_transposed(self) -> bool:
+        """Whether the weight is stored ``[in, out]``, the transpose of the gradient layout."""
+        return self.kind in TRANSPOSED_KINDS
 
     def with_ranks(self, rank_out: int, rank_in: int) -> LayerSpec:
         return replace(self, rank_out=rank_out, rank_in=rank_in)
@@ -91,6 +102,9 @@ def describe(prefix: str, module: nn.Module) -> LayerSpec | None:
     w = module.weight
     if isinstance(module, nn.Linear):
         return _full(LayerSpec("linear", weight, bias_name, w.shape[1], w.shape[0], 0, 0))
+    if is_transposed_linear(module):
+        spec = LayerSpec("transposed_linear", weight, bias_name, w.shape[0], w.shape[1], 0, 0)
+        return _full(spec)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
         spec = LayerSpec(kind, weight, bias_name, math.prod(w.shape[1:]), w.shape[0], 0, 0)
@@ -102,6 +116,20 @@ def describe(prefix: str, module: nn.Module) -> LayerSpec | None:
     ):
         return _full(LayerSpec("embedding", weight, None, w.shape[0], w.shape[1], 0, 0))
     return None
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D``: weight ``[nx, nf]``, bias ``[nf]``."""
+    cls = type(module)
+    w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers.")
+        and isinstance(w, Tensor)
+        and w.shape == (getattr(module, "nx", None), getattr(module, "nf", None))
+        and isinstance(b, Tensor)
+        and b.shape == (w.shape[1],)
+    )
 
 
 def _full(spec: LayerSpec) -> LayerSpec:
@@ -124,7 +152,10 @@ def why_not_projectable(module: nn.Module) -> str:
         return "an Embedding with max_norm or scale_grad_by_freq (both change the weight gradient)"
     if hasattr(module, "parametrizations"):
         return "a parametrised module (its weight is recomputed on every access)"
-    supported = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding and nn.MultiheadAttention"
+    supported = (
+        "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.MultiheadAttention and "
+        "transformers' Conv1D"
+    )
     return f"a {type(module).__name__}; projectable modules are {supported}"
 
 
@@ -141,7 +172,7 @@ def input_tokens(layer: LayerSpec, call: Call, p_in: Tensor | None, batch: int) 
         if call.padding_idx is not None:
             v = v * (idx != call.padding_idx).unsqueeze(-1).to(v.dtype)
         return v
-    if layer.kind == "linear":
+    if layer.kind in ("linear", "transposed_linear"):
         x = x.reshape(batch, -1, layer.in_features)
         if p_in is None:
             if layer.bias is None:
@@ -165,7 +196,7 @@ def input_tokens(layer: LayerSpec, call: Call, p_in: Tensor | None, batch: int) 
 def backprop_tokens(layer: LayerSpec, grad: Tensor, p_out: Tensor | None, batch: int) -> Tensor:
     """Projected output gradients ``P_out δ_t``: ``[B, T, k_out]`` in the token order of
     :func:`input_tokens`."""
-    if layer.kind in ("linear", "embedding"):
+    if layer.kind in ("linear", "transposed_linear", "embedding"):
         d = grad.reshape(batch, -1, layer.out_features)
         return d if p_out is None else d @ p_out.T
     g, c = layer.groups, layer.out_features // layer.groups

@@ -14,6 +14,19 @@ that one call recognises the covered layers' ``F.linear`` / ``conv1d`` / ``conv2
 * under ``torch.compile`` or a ``torch.func`` transform: ``torch.func.grad`` of a function of the
   ``e``'s, whose shapes come from a first forward pass (dead code once compiled).
 
+Hugging Face's ``Conv1D`` (GPT-2) is a ``transposed_linear`` layer: its
+``torch.addmm(bias, x.view(-1, in), weight)`` is recognised the same way, by the weight.
+
+A weight shared by several projectable modules (tied input and output embeddings) is covered
+once, under the spec's layer; every use adds its tokens to that layer's gradient, a use whose
+layout is the transpose of the layer's (an ``nn.Linear`` head tied to an ``nn.Embedding``) with
+the roles of its inputs and output gradients swapped, so the result is the gradient of the
+shared parameter.
+
+Precision: the projected tokens ``P_in a_t`` and ``P_out δ_t`` are computed in the dtype the model
+runs in (the weight's, or autocast's); the sum over tokens is taken in float32 or wider
+(``promote_types(weight dtype, float32)``, autocast disabled), which is the returned dtype.
+
 ``nn.MultiheadAttention`` runs its projections inside ``F.multi_head_attention_forward``, out of
 a handler's sight, so that call is computed by :func:`~logix_func.layers.mha_forward` instead.
 Any other use of a covered weight (a tied weight in a matmul, a parametrisation) is refused.
@@ -22,12 +35,14 @@ Any other use of a covered weight (a tied weight in a matmul, a parametrisation)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
@@ -41,6 +56,7 @@ from .layers import (
     describe,
     input_tokens,
     mha_forward,
+    projectable_layers,
 )
 from .projection import ProjectionSpec
 from .watch import watch
@@ -93,7 +109,8 @@ def projected_grads(
     detached = {n: p.detach() for n, p in params.items()}
     weights = (detached, fixed, buffers)
     layers = _covered_layers(model, spec, {**detached, **fixed})
-    run = _Pass(model, mb, weights, spec, layers, sample_loss(model, mb, loss_fn))
+    tied = _tied_uses(model, layers)
+    run = _Pass(model, mb, weights, spec, layers, sample_loss(model, mb, loss_fn), tied)
     if chunk_size is None:
         return run(mb.tensors, mb.size, return_activations)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -135,6 +152,48 @@ def _covered_layers(
     return covered
 
 
+def _tied_uses(
+    model: nn.Module, layers: dict[str, tuple[LayerSpec, Tensor]]
+) -> dict[str, tuple[str, LayerSpec, bool]]:
+    """Other modules using a covered layer's weight: ``{module: (layer, its layout, swapped)}``.
+
+    ``swapped``: the module's gradient layout is the transpose of the layer's. A tied module's
+    own bias is a parameter of its own, not covered.
+    """
+    every = dict(model.named_parameters(remove_duplicate=False))
+    owner_of: dict[int, str] = {}
+    for name, (layer, _) in layers.items():
+        first = owner_of.setdefault(id(every[layer.weight]), name)
+        if first != name:
+            raise ValueError(
+                f"spec layers {first!r} and {name!r} share one weight (tied parameters): a spec "
+                "lists a shared weight once, and every module using it adds to that layer's "
+                "gradient; build the spec with logra(), which does this"
+            )
+    tied = {}
+    for name, use in projectable_layers(model).items():
+        owner = owner_of.get(id(every[use.weight]))
+        if owner is None or name in layers:
+            continue
+        layer = layers[owner][0]
+        swapped = use.weight_transposed != layer.weight_transposed
+        sizes = (layer.out_features, layer.in_features)
+        same = (use.in_features, use.out_features) == (sizes[::-1] if not swapped else sizes)
+        token_kinds = {"linear", "transposed_linear", "embedding"}
+        if not {use.kind, layer.kind} <= token_kinds or layer.bias is not None or not same:
+            raise ValueError(
+                f"module {name!r} shares the weight of covered layer {owner!r} "
+                f"({_layout(layer)}), a tie projected_grads covers only between linear and "
+                "embedding layers without bias on the covered one; exclude "
+                f"{owner!r} from the spec (logra(..., layers=[...]))"
+            )
+        if use.kind == layer.kind:
+            continue  # the same call as the layer's own, on the same weight: already its tokens
+        ranks = (layer.rank_in, layer.rank_out) if swapped else (layer.rank_out, layer.rank_in)
+        tied[name] = (owner, replace(use, bias=None).with_ranks(*ranks), swapped)
+    return tied
+
+
 def _layout(layer: LayerSpec | None) -> str:
     if layer is None:
         return "not projectable"
@@ -149,7 +208,7 @@ def _layout(layer: LayerSpec | None) -> str:
 class _Pass:
     """One batched forward+backward of a (sub-)batch: per-token ``δ`` of every covered call."""
 
-    def __init__(self, model, mb, weights, spec, layers, loss_of):
+    def __init__(self, model, mb, weights, spec, layers, loss_of, tied=None):
         self.model, self.mb, self.weights = model, mb, weights
         self.layers, self.loss_of = layers, loss_of
         groups: dict[tuple, list[str]] = {}
@@ -158,9 +217,17 @@ class _Pass:
         self.mats = {}
         for (device, dtype), names in groups.items():
             self.mats.update(spec.projectors(names, device, dtype))
+        # every module whose calls add to a layer's gradient: (layer, layout, swapped roles)
+        self.roles = {name: (name, False) for name in layers}
+        self.uses = dict(layers)
+        for use, (owner, layout, swapped) in (tied or {}).items():
+            self.roles[use] = (owner, swapped)
+            self.uses[use] = (layout, layers[owner][1])
+            p_out, p_in = self.mats[owner]
+            self.mats[use] = (p_in, p_out) if swapped else (p_out, p_in)
 
     def forward(self, tensors: dict[str, Any], batch: int, tap: Tap) -> Any:
-        mode = _Intercept(self.layers, batch, tap)
+        mode = _Intercept(self.uses, batch, tap)
         with mode:
             outputs = self.mb.call(self.model, self.weights, tensors)
         mode.check_all_called()
@@ -174,29 +241,34 @@ class _Pass:
         """Records the call's projected inputs, then adds ``add(...)`` (a zero) to its output."""
 
         def tap(name: str, call: Call, y: Tensor) -> Tensor:
-            inputs[name].append(input_tokens(self.layers[name][0], call, self.mats[name][1], batch))
+            inputs[name].append(input_tokens(self.uses[name][0], call, self.mats[name][1], batch))
             return y + add(name, call, y)
 
         return tap
 
     def deltas_autograd(self, tensors, batch) -> tuple[dict, dict]:
         """Plain eager mode: zeros ``e`` created as the forward reaches each call."""
-        inputs = {name: [] for name in self.layers}
-        es: dict[str, list[Tensor]] = {name: [] for name in self.layers}
+        inputs = {name: [] for name in self.uses}
+        es: dict[str, list[Tensor]] = {name: [] for name in self.uses}
 
         def zero_leaf(name: str, call: Call, y: Tensor) -> Tensor:
+            _check_grad_enabled(name)
             # a broadcast view of a zero scalar: shaped like the output, no memory of its own
             es[name].append(y.new_zeros((), requires_grad=True).expand(y.shape))
             return es[name][-1]
 
-        with torch.enable_grad():
+        # the pass's weights stay in the model through the backward too: a non-reentrant
+        # checkpointed block recomputes its forward there, and must see the same tensors
+        merged = {k: v for part in self.weights for k, v in part.items()}
+        in_place = _reparametrize_module(self.model, merged, tie_weights=True)
+        with torch.enable_grad(), in_place:
             outputs = self.forward(tensors, batch, self.input_tap(inputs, batch, zero_leaf))
-            flat = [e for name in self.layers for e in es[name]]
+            flat = [e for name in self.uses for e in es[name]]
             grads = torch.autograd.grad(
                 self.loss(outputs, tensors), flat, allow_unused=True, materialize_grads=True
             )
         it = iter(grads)
-        return {name: [next(it) for _ in es[name]] for name in self.layers}, inputs
+        return {name: [next(it) for _ in es[name]] for name in self.uses}, inputs
 
     def deltas_functional(self, tensors, batch) -> tuple[dict, dict]:
         """Under torch.compile or a torch.func transform: ``torch.func.grad`` of the ``e``'s.
@@ -205,7 +277,7 @@ class _Pass:
         on a (zero) differentiated input, as in the real pass, so that the model takes the same
         code paths; under torch.compile that pass is dead code and costs nothing.
         """
-        outs: dict[str, list[tuple]] = {name: [] for name in self.layers}
+        outs: dict[str, list[tuple]] = {name: [] for name in self.uses}
 
         def shape_pass(zero: Tensor) -> Tensor:
             def tap(name: str, call: Call, y: Tensor) -> Tensor:
@@ -218,13 +290,14 @@ class _Pass:
         torch.func.vjp(shape_pass, next(iter(self.layers.values()))[1].new_zeros(()))
         es = {  # broadcast views of zero scalars: no memory of their own
             name: tuple(torch.zeros((), dtype=t, device=d).expand(s) for s, t, d in outs[name])
-            for name in self.layers
+            for name in self.uses
         }
 
         def total(es: dict[str, tuple[Tensor, ...]]) -> tuple[Tensor, dict]:
-            inputs: dict[str, list[Tensor]] = {name: [] for name in self.layers}
+            inputs: dict[str, list[Tensor]] = {name: [] for name in self.uses}
 
             def next_zero(name: str, call: Call, y: Tensor) -> Tensor:
+                _check_grad_enabled(name)
                 i = len(inputs[name]) - 1
                 if i >= len(es[name]) or es[name][i].shape != y.shape:
                     raise RuntimeError(
@@ -245,16 +318,33 @@ class _Pass:
             or torch._C._functorch.peek_interpreter_stack() is not None
         )
         run = self.deltas_functional if transformed else self.deltas_autograd
-        deltas, inputs = run(tensors, batch)
+        try:
+            deltas, inputs = run(tensors, batch)
+        except RuntimeError as err:
+            if "saved tensor hooks" not in str(err):
+                raise
+            raise RuntimeError(
+                "the model uses non-reentrant gradient checkpointing (torch.utils.checkpoint), "
+                "which torch.func transforms do not support; projected_grads uses them under "
+                "torch.compile and inside vmap/grad. Call it eagerly, or disable checkpointing"
+            ) from err
         mask = _token_mask(tensors)
         grads, records = {}, {}
-        for name, (layer, _) in self.layers.items():
-            p_out = self.mats[name][0]
-            g = [backprop_tokens(layer, d, p_out, batch) for d in deltas[name]]
-            v = inputs[name]
-            grads[name] = sum(
-                torch.einsum("btk,btj->bkj", gc, vc) for gc, vc in zip(g, v, strict=True)
-            )
+        g_of = {name: [] for name in self.layers}
+        v_of = {name: [] for name in self.layers}
+        for use, (owner, swapped) in self.roles.items():
+            layout, p_out = self.uses[use][0], self.mats[use][0]
+            g = [backprop_tokens(layout, d, p_out, batch) for d in deltas[use]]
+            g_of[owner] += inputs[use] if swapped else g
+            v_of[owner] += g if swapped else inputs[use]
+        for name, (layer, weight) in self.layers.items():
+            g, v = g_of[name], v_of[name]
+            acc = torch.promote_types(weight.dtype, torch.float32)
+            with torch.autocast(weight.device.type, enabled=False):
+                grads[name] = sum(
+                    torch.einsum("btk,btj->bkj", gc.to(acc), vc.to(acc))
+                    for gc, vc in zip(g, v, strict=True)
+                )
             if logs:
                 m = torch.cat([_call_mask(layer, mask, vc) for vc in v], dim=1)
                 w = m.unsqueeze(-1).to(v[0].dtype)
@@ -264,6 +354,17 @@ class _Pass:
                     "mask": m,
                 }
         return (grads, records) if logs else grads
+
+
+def _check_grad_enabled(name: str) -> None:
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            f"covered layer {name!r} ran with gradients disabled inside the model's forward "
+            "(torch.no_grad, or torch.utils.checkpoint with use_reentrant=True, whose forward runs "
+            "without gradients): its gradient cannot be seen. Use non-reentrant checkpointing: "
+            "checkpoint(..., use_reentrant=False), or {'use_reentrant': False} as a transformers "
+            "model's activation_checkpointing_enable / gradient_checkpointing_enable kwargs"
+        )
 
 
 def _token_mask(tensors: dict[str, Any]) -> Tensor | None:
@@ -311,6 +412,8 @@ class _Intercept(TorchFunctionMode):
             return self.layer_call(kind, func, args, kwargs, _conv_call)
         if func is F.embedding:
             return self.layer_call("embedding", func, args, kwargs, _embedding_call)
+        if func is torch.addmm:
+            return self.layer_call("transposed_linear", func, args, kwargs, self.addmm_call)
         if self.uses_covered(args, kwargs) and not _reads_metadata(func):
             self.refuse(func, args, kwargs)
         return func(*args, **kwargs)
@@ -324,6 +427,21 @@ class _Intercept(TorchFunctionMode):
             return func(*args, **kwargs)
         return self.tapped(name, call, func(*args, **kwargs))
 
+    def addmm_call(self, input, mat1, mat2, *, beta=1, alpha=1, out=None):
+        """``torch.addmm(bias, x [rows, in], weight [in, out])`` of a ``transposed_linear``
+        layer: the rows are the batch's tokens, batch-major."""
+        name = self.by_call.get(("transposed_linear", id(mat2)))
+        if name is not None:
+            if beta != 1 or alpha != 1 or out is not None or mat1.shape[0] % self.batch:
+                raise ValueError(
+                    f"layer {name!r} (a transposed linear layer such as transformers' Conv1D) is "
+                    f"called as torch.addmm with an input of shape {tuple(mat1.shape)}, "
+                    f"beta={beta}, alpha={alpha}: projected_grads needs beta = alpha = 1 and "
+                    f"input rows that are the batch's ({self.batch}) tokens, batch first"
+                )
+            mat1 = mat1.reshape(self.batch, -1, mat1.shape[-1])
+        return mat2, Call(mat1, mat2.dtype)
+
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``F.linear`` on batch-first inputs, tapped when ``weight`` is covered."""
         y = F.linear(x, weight, bias)
@@ -331,6 +449,11 @@ class _Intercept(TorchFunctionMode):
         return y if name is None else self.tapped(name, Call(x, weight.dtype), y)
 
     def tapped(self, name: str, call: Call, y: Tensor) -> Tensor:
+        x = call.x
+        if self.batch > 1 and x.dim() >= 1 and x.shape[0] == 1 and y.shape[:1] == (1,):
+            # an input shared by the samples (position ids [1, T]): one copy per sample
+            call = replace(call, x=x.expand(self.batch, *x.shape[1:]))
+            y = y.expand(self.batch, *y.shape[1:])
         if call.x.dim() < 1 or call.x.shape[0] != self.batch:
             raise ValueError(
                 f"layer {name!r} received an input of shape {tuple(call.x.shape)} whose first "

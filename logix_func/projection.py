@@ -319,7 +319,8 @@ def logra(
         rank: ``k`` for both sides (capped at each side's size), ``(k_out, k_in)``, or ``None``
             for no projection (identity on both sides: full gradients, same layout).
         seed: the seed of the random matrices, in ``[0, 2**63)``.
-        layers: module names to cover; ``None`` = every projectable module.
+        layers: module names to cover; ``None`` = every projectable module. A weight shared
+            by several modules (tied embeddings) is covered once, by the first of them.
         init: ``"random"`` or ``"pca"`` (top eigenvectors of ``covariances``).
         distribution: ``"gaussian"`` or ``"rademacher"``, entries scaled by ``1/sqrt(k)``.
         covariances: for ``init="pca"``: ``{layer: {"A": [in', in'], "S": [out, out]}}``, the
@@ -328,6 +329,7 @@ def logra(
     """
     found = projectable_layers(model)
     names = list(found) if layers is None else _check_names(model, found, layers)
+    names = _untied(model, found, names, explicit=layers is not None)
     if not names:
         raise ValueError(f"{type(model).__name__} has no projectable layer")
     specs = {name: found[name].with_ranks(*_ranks(rank, found[name], name)) for name in names}
@@ -359,6 +361,24 @@ def _check_names(model: nn.Module, found: dict[str, LayerSpec], layers: list[str
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers contains duplicates: {layers}")
     return list(layers)
+
+
+def _untied(
+    model: nn.Module, found: dict[str, LayerSpec], names: list[str], explicit: bool
+) -> list[str]:
+    """``names`` with one module per weight: a tied weight (input and output embeddings) is
+    covered once, by its first module; projected_grads adds the other modules' uses to it."""
+    every = dict(model.named_parameters(remove_duplicate=False))
+    first: dict[int, str] = {}
+    for name in names:
+        key = id(every[found[name].weight])
+        if key in first and explicit:
+            raise ValueError(
+                f"layers {first[key]!r} and {name!r} share one weight (tied parameters): list "
+                "one of them; it covers the shared weight, every module using it included"
+            )
+        first.setdefault(key, name)
+    return list(first.values())
 
 
 def _ranks(rank: Rank, layer: LayerSpec, name: str) -> tuple[int, int]:

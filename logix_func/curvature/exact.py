@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
 from ..checks import check_modes, check_params
@@ -123,7 +124,7 @@ def _layer_params(
         w = every[layer.weight]
         expected = (
             (layer.in_features, layer.out_features)
-            if layer.kind == "embedding"
+            if layer.weight_transposed
             else (layer.out_features, layer.in_features)
         )
         bias_ok = layer.bias is None or every[layer.bias].shape == (layer.out_features,)
@@ -153,7 +154,7 @@ def _mover(
     def move(z: Tensor) -> dict[str, Tensor]:
         m = p_out.T @ z @ p_in  # [out, in']
         dw = m[:, : layer.in_features]
-        dw = dw.T if layer.kind == "embedding" else dw
+        dw = dw.T if layer.weight_transposed else dw
         moved = {**base, weight: w0 + dw.reshape(w0.shape)}
         if bias is not None:
             moved[bias] = base[bias] + m[:, layer.in_features]
@@ -175,11 +176,18 @@ def _block(
     """``Σ_samples`` curvature of one layer on one batch: ``[k, k]``."""
     tensors = mb.tensors
 
-    def outputs(z: Tensor) -> Any:
-        return mb.call(model, (move(z), buffers), tensors)
+    structure: dict[str, Any] = {}
 
-    def total(out: Any) -> Tensor:
-        return summed_sample_losses(loss_of, out, tensors)
+    def outputs(z: Tensor) -> list[Tensor]:
+        """The model's output tensors (its other leaves, a cache object say, kept aside)."""
+        leaves, structure["tree"] = tree_flatten(mb.call(model, (move(z), buffers), tensors))
+        structure["leaves"] = leaves
+        return [t for t in leaves if isinstance(t, Tensor)]
+
+    def total(out: list[Tensor]) -> Tensor:
+        given = iter(out)
+        leaves = [next(given) if isinstance(t, Tensor) else t for t in structure["leaves"]]
+        return summed_sample_losses(loss_of, tree_unflatten(leaves, structure["tree"]), tensors)
 
     if kind == "hessian":
         gradient = torch.func.grad(lambda z: total(outputs(z)))
