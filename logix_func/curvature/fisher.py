@@ -5,7 +5,8 @@
   targets, unit-variance Gaussian around the outputs for float targets), one draw per sample.
 * ``"exact"``: the expectation over every label, through pseudo-losses ``⟨v_c, logits⟩`` whose
   gradients ``v_c`` factor the output Hessian (``Σ_c v_c v_cᵀ = diag(p) − p pᵀ`` for
-  cross-entropy, ``I`` for squared error): one backward pass per class, so for few classes only.
+  cross-entropy, ``I`` for squared error): one batched pass over
+  every (sample, class) pair, so for few classes only.
 """
 
 from __future__ import annotations
@@ -94,36 +95,59 @@ def fisher_logs(
     grads ``{layer: [B, D, k_out, k_in]}``, backprops ``[B, D, T, k_out]`` (D = 1 unless
     ``fisher="exact"``, where D = number of classes).
     """
+    if fisher == "exact":
+        return _exact_logs(model, params, batch, spec, loss_fn)
     if fisher == "empirical":
-        draws = [(batch, loss_fn)]
+        labelled, fn = batch, loss_fn
     elif fisher == "true":
         if loss_fn is not None:
             raise ValueError(
                 "fisher='true' samples labels for the default losses only; "
                 "pass fisher='empirical' with a custom loss_fn"
             )
-        draws = [(sample_targets(model, params, batch, seed=seed), None)]
-    elif fisher == "exact":
-        if loss_fn is not None or isinstance(batch, Mapping):
-            raise ValueError(
-                "fisher='exact' supports (inputs, targets) batches with the default "
-                "loss; use fisher='true' for language models or custom losses"
-            )
-        mb = ModelBatch.from_batch(batch)
-        logits = _logits(model, params, mb)
-        draws = [
-            ((batch[0], v), _pseudo_loss) for v in _hessian_factors(logits, mb.tensors["targets"])
-        ]
+        labelled, fn = sample_targets(model, params, batch, seed=seed), None
     else:
         raise ValueError(f"fisher must be 'true', 'empirical' or 'exact', got {fisher!r}")
+    grads, logs = projected_grads(
+        model, params, labelled, spec, loss_fn=fn, return_activations=True
+    )
+    grads = {n: g.unsqueeze(1) for n, g in grads.items()}
+    logs = {n: {**log, "backprops": log["backprops"].unsqueeze(1)} for n, log in logs.items()}
+    return grads, logs
 
-    runs = [
-        projected_grads(model, params, b, spec, loss_fn=fn, return_activations=True)
-        for b, fn in draws
-    ]
-    grads = {n: torch.stack([g[n] for g, _ in runs], dim=1) for n in runs[0][0]}
+
+def _exact_logs(
+    model: nn.Module, params: Mapping[str, Tensor], batch: Any, spec: Any, loss_fn: Any
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Every sample repeated once per class, each copy with its pseudo-loss: one batched pass."""
+    if loss_fn is not None or isinstance(batch, Mapping):
+        raise ValueError(
+            "fisher='exact' supports (inputs, targets) batches with the default "
+            "loss; use fisher='true' for language models or custom losses"
+        )
+    mb = ModelBatch.from_batch(batch)
+    logits = _logits(model, params, mb)
+    directions = torch.stack(_hessian_factors(logits, mb.tensors["targets"]), dim=1)
+    size, draws = directions.shape[:2]
+    copies = torch.arange(size, device=directions.device).repeat_interleave(draws)
+    repeat = lambda v: v[copies] if isinstance(v, Tensor) else v  # noqa: E731
+    inputs = batch[0]
+    inputs = tuple(map(repeat, inputs)) if isinstance(inputs, (tuple, list)) else repeat(inputs)
+    grads, logs = projected_grads(
+        model,
+        params,
+        (inputs, directions.flatten(0, 1)),
+        spec,
+        loss_fn=_pseudo_loss,
+        return_activations=True,
+    )
+    per_draw = lambda t: t.unflatten(0, (size, draws))  # noqa: E731
+    grads = {n: per_draw(g) for n, g in grads.items()}
     logs = {
-        n: {**log, "backprops": torch.stack([lg[n]["backprops"] for _, lg in runs], dim=1)}
-        for n, log in runs[0][1].items()
+        n: {
+            **{k: per_draw(v)[:, 0] for k, v in log.items() if k != "backprops"},
+            "backprops": per_draw(log["backprops"]),
+        }
+        for n, log in logs.items()
     }
     return grads, logs
