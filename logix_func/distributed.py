@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -64,12 +65,13 @@ def local_model(model: nn.Module) -> nn.Module:
     forward hooks, which cannot run under ``functional_call``/``vmap``: they raise a
     ``TypeError``; pass an unsharded instance of the architecture with :func:`full_params`.
     """
-    from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(model, DistributedDataParallel):
         return model.module
-    if isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules()):
+    # a sharded model means FSDP is imported already; importing it here would cost ~1 s
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in model.modules()):
         raise TypeError(
             f"{type(model).__name__} is sharded with fully_shard: its forward hooks all-gather "
             "DTensor parameters, which functional_call and vmap cannot run; pass an unsharded "
