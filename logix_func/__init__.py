@@ -1,6 +1,6 @@
 """logix_func: functional data attribution with torch.func."""
 
-from .capture import capture, capture_shapes, flatten_capture, unflatten_capture
+from .capturing import capture, capture_shapes, flatten_capture, unflatten_capture
 from .curvature import (
     IdentityPreconditioner,
     Preconditioner,
@@ -36,7 +36,7 @@ from .projection import ProjectionSpec, logra
 from .stats import RunningStat, running_covariance, running_mean, running_variance
 from .store import LogStore, StoreSchema, model_fingerprint
 from .tokens import token_influence
-from .watch import watch
+from .watching import watch
 
 __version__ = "0.1.0"
 __all__ = [

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .batch import ModelBatch
-from .capture import capture_shapes
+from .capturing import capture_shapes
 from .curvature import ekfac, fisher_logs, kfac, raw
 from .curvature.kfac import Fisher
 from .curvature.transform import layer_dims
@@ -57,7 +57,7 @@ def store_schema(
     captures: Mapping[str, Mapping[str, Tensor]] | None = None,
 ) -> StoreSchema:
     """The schema of a store of ``spec``'s projected gradients of ``model``, and of the entries
-    ``"name.kind"`` of ``captures`` (an example :func:`~logix_func.capture.capture` result)."""
+    ``"name.kind"`` of ``captures`` (an example :func:`~logix_func.capturing.capture` result)."""
     layers = layer_dims(spec)
     if captures is not None:
         extra = capture_shapes(captures)

@@ -59,7 +59,7 @@ from .layers import (
     projectable_layers,
 )
 from .projection import ProjectionSpec
-from .watch import watch
+from .watching import watch
 
 Tap = Callable[[str, Call, Tensor], Tensor]
 Grads = dict[str, Float[Tensor, "batch k_out k_in"]]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from ..batch import ModelBatch
-from ..capture import capture, flatten_capture
+from ..capturing import capture, flatten_capture
 from ..ids import content_ids
 from ..pipeline import store_schema
 from ..projected import projected_grads
@@ -54,7 +54,7 @@ class LogStoreCallback(pl.Callback):
         ids: ``ids(batch)`` → data ids of Lightning's batch, before ``batch_fn`` (e.g. the
             indices of an :class:`~logix_func.ids.IndexedDataset`); default: a content hash of
             the converted batch (:func:`batch_content_ids`). The store rejects ids it holds.
-        capture_options: if given, keyword arguments of :func:`~logix_func.capture.capture`
+        capture_options: if given, keyword arguments of :func:`~logix_func.capturing.capture`
             (``layers``, ``what``, ``reduce``, ``watch``; ``project`` defaults to ``spec``):
             its entries are stored beside the gradients as ``"layer.kind"``.
         statistic: a :class:`~logix_func.stats.RunningStat` accumulated over every stored row

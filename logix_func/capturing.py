@@ -6,7 +6,7 @@ is only called through ``functional_call``, under the same ``TorchFunctionMode``
 call is recognised by its weight, its input and output are recorded, and a zero tensor ``e``
 added to its output gives the output gradient ``δ = ∂(Σ_i loss_i)/∂e`` of every sample at
 once (samples do not interact in the batched pass). A forward that calls
-:func:`~logix_func.watch.watch` exposes any other tensor the same way.
+:func:`~logix_func.watching.watch` exposes any other tensor the same way.
 
 Everything is seen in the token view of :mod:`logix_func.layers`, the view in which a layer's
 gradient is ``Σ_t δ_t a_tᵀ``:
@@ -70,7 +70,7 @@ def capture(
             outputs and output_grads). Without ``"output_grads"`` there is no backward pass.
         reduce: ``"sum"`` or ``"mean"`` over tokens, or ``None`` to keep them (module docstring).
         project: a :class:`~logix_func.projection.ProjectionSpec` covering ``layers``.
-        watch: names of :func:`~logix_func.watch.watch` calls to record, ``True`` for all.
+        watch: names of :func:`~logix_func.watching.watch` calls to record, ``True`` for all.
         loss_fn: as in :func:`~logix_func.projected_grads` (only used for ``output_grads``).
 
     Returns:
