@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +29,8 @@ import torch
 
 import logix_func as lf
 from logix_func.store import LogStore, StoreSchema
+
+from .logra_models import best_times
 
 LAYOUTS = {
     "4 × [16, 16]": {f"layer{i}": (16, 16) for i in range(4)},
@@ -70,17 +71,6 @@ def write_store(url: str, rows: dict[str, torch.Tensor], codec: str) -> LogStore
     return LogStore.open(url)
 
 
-def best_times(cases: dict, repeats: int) -> dict[str, float]:
-    """Best wall time of each case, run interleaved so that load changes hit all alike."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: min(ts) for name, ts in times.items()}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=50_000)
@@ -116,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                     "(read alone, none)": partial(read_only, stores["none"]),
                     "(read alone, zstd)": partial(read_only, stores["zstd"]),
                 }
-                times = best_times(cases, args.repeats)
+                times = best_times(cases, args.repeats, warm_up=False)
                 for name, t in times.items():
                     ratio = times["matmul"] / t
                     print(f"{layout:13} {q:5d} {name:24} {args.rows / t:11.3g} {ratio:6.2f}")

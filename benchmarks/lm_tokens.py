@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import logix_func as lf
 from logix_func.layers import projectable_layers
+
+from .logra_models import interleaved_times
 
 
 def model_and_batch(layers: int, width: int, length: int, batch: int):
@@ -58,19 +59,6 @@ def model_and_batch(layers: int, width: int, length: int, batch: int):
 def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     flat = logits[:, :-1].flatten(0, 1)
     return F.cross_entropy(flat, labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
-
-
-def run_times(runs: dict, repeats: int) -> dict[str, list[float]]:
-    """``repeats`` interleaved runs of each callable, after a warm-up call."""
-    for fn in runs.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(repeats):
-        for key, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return times
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         for logs in (False, True):
             call = torch.compile(ours(logs), fullgraph=True)
             runs[f"compiled projected{' +logs' * logs}"] = lambda c=call: c(params, batch)
-    times = run_times(runs, args.repeats)
+    times = interleaved_times(runs, args.repeats)
     median = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     tokens = batch["input_ids"].numel()

@@ -101,14 +101,21 @@ def peak_extra_mib(fn, release=None) -> float | None:
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def best_times(runs: dict, repeats: int) -> dict[str, float]:
-    """Best of ``repeats`` interleaved runs of each callable, after a warm-up call."""
-    for fn in runs.values():
-        fn()
+def interleaved_times(runs: dict, repeats: int, warm_up: bool = True) -> dict[str, list[float]]:
+    """Wall times of ``repeats`` interleaved runs of each callable (load changes hit all alike),
+    after a warm-up call of each unless ``warm_up=False``."""
+    if warm_up:
+        for fn in runs.values():
+            fn()
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
         for key, fn in runs.items():
             start = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - start)
-    return {k: min(v) for k, v in times.items()}
+    return times
+
+
+def best_times(runs: dict, repeats: int, warm_up: bool = True) -> dict[str, float]:
+    """Best of :func:`interleaved_times` for each callable."""
+    return {k: min(v) for k, v in interleaved_times(runs, repeats, warm_up).items()}

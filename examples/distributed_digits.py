@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 import logix_func as lf
+from logix_func.cli import print_attributions
 from logix_func.digits import digits_split, mlp_model, train_mlp
 
 
@@ -67,14 +68,7 @@ def main() -> None:
 
     if rank == 0:
         print(f"{dist.get_world_size()} ranks, {len(store)} training rows at {store.url}")
-        for i, q in enumerate(args.queries):
-            print(f"test image {q} (label {data.test_y[q].item()}):")
-            for title, best in (("proponents", helps), ("opponents", hurts)):
-                items = ", ".join(
-                    f"#{int(t)} (label {data.train_y[int(t)].item()}, {v:+.3g})"
-                    for t, v in zip(best.ids[i], best.values[i].tolist(), strict=True)
-                )
-                print(f"  {title}: {items}")
+        print_attributions(data, args.queries, helps, hurts)
     dist.destroy_process_group()
 
 

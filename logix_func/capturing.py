@@ -31,13 +31,11 @@ from typing import Any, Literal, NamedTuple
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves
 
-from .batch import LossFn, ModelBatch, sample_loss, unsqueeze_sample
-from .checks import check_modes, check_params
-from .grads import split_weights
+from .batch import LossFn, sample_loss, summed_sample_losses
 from .layers import Call, LayerSpec, backprop_tokens, input_tokens, projectable_layers
-from .projected import _call_mask, _covered_layers, _Intercept, _token_mask
+from .projected import _call_mask, _covered_layers, _Intercept, _token_mask, prepare
 from .projection import ProjectionSpec
 
 KINDS = ("inputs", "outputs", "output_grads")
@@ -80,14 +78,10 @@ def capture(
     kinds = _check_what(what)
     if reduce not in ("sum", "mean", None):
         raise ValueError(f"reduce must be 'sum', 'mean' or None, got {reduce!r}")
-    check_params(model, params)
-    check_modes(model, "error")
-    mb = ModelBatch.from_batch(batch)
-    fixed, buffers = split_weights(model, params)
-    detached = {n: p.detach() for n, p in params.items()}
+    mb, weights = prepare(model, params, batch)
     chosen = _chosen_layers(model, layers, project)
     # _covered_layers reads only ``.layers``: no ProjectionSpec is built (torch.compile)
-    covered = _covered_layers(model, _Layers(chosen), {**detached, **fixed})
+    covered = _covered_layers(model, _Layers(chosen), {**weights[0], **weights[1]})
     mats = _projectors(covered, project)
     watched = _check_watch(watch, covered)
     if watched and "outputs" not in kinds and "output_grads" not in kinds:
@@ -102,7 +96,7 @@ def capture(
             layer = replace(layer, bias=None, rank_in=layer.in_features)
         return input_tokens(layer, call, mats[name][1], mb.size)
 
-    run = _Run(model, mb, (detached, fixed, buffers), covered, watched, inputs_of)
+    run = _Run(model, mb, weights, covered, watched, inputs_of)
     records = run.with_grads(sample_loss(model, mb, loss_fn)) if grads else run.forward_only()
     mask = _token_mask(mb.tensors)
     out = {}
@@ -272,12 +266,7 @@ class _Run:
 
     def loss(self, outputs: Any, loss_of) -> Tensor:
         """Sum of the samples' losses, each computed on its own (batch of one)."""
-
-        def one(out: Any, sample: dict[str, Any]) -> Tensor:
-            return loss_of(unsqueeze_sample(out), unsqueeze_sample(sample))
-
-        in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, outputs)
-        return torch.func.vmap(one, in_dims=(in_dims, 0))(outputs, self.mb.tensors).sum()
+        return summed_sample_losses(loss_of, outputs, self.mb.tensors)
 
     def with_grads(self, loss_of) -> dict[str, list]:
         transformed = (

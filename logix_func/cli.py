@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .curvature import load_state, preconditioner, save_state
 from .digits import digits_split, mlp_model, train_mlp
-from .influence import influence, top_k
+from .influence import TopK, influence, top_k
 from .pipeline import fit_curvature, log_dataset
 from .projected import projected_grads
 from .projection import logra
@@ -63,6 +63,18 @@ def _cached(url: str, make: Any) -> Any:
     return value
 
 
+def print_attributions(data: Any, queries: list[int], helps: TopK, hurts: TopK) -> None:
+    """Each query test image's proponents and opponents: training ids, labels and scores."""
+    for i, q in enumerate(queries):
+        print(f"test image {q} (label {data.test_y[q].item()}):")
+        for title, best in (("proponents", helps), ("opponents", hurts)):
+            items = ", ".join(
+                f"#{int(t)} (label {data.train_y[int(t)].item()}, {v:+.3g})"
+                for t, v in zip(best.ids[i], best.values[i].tolist(), strict=True)
+            )
+            print(f"  {title}: {items}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     progress = not args.no_progress
@@ -104,14 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     ids = store.ids()
     helps = top_k(scores, args.top, ids=ids)
     hurts = top_k(scores, args.top, ids=ids, largest=False)
-    for i, q in enumerate(args.queries):
-        print(f"test image {q} (label {data.test_y[q].item()}):")
-        for title, best in (("proponents", helps), ("opponents", hurts)):
-            items = ", ".join(
-                f"#{int(t)} (label {data.train_y[int(t)].item()}, {v:+.3g})"
-                for t, v in zip(best.ids[i], best.values[i].tolist(), strict=True)
-            )
-            print(f"  {title}: {items}")
+    print_attributions(data, args.queries, helps, hurts)
     png = args.png or (os.path.join(run, "influence.png") if "://" not in run else "influence.png")
     from .plots import influence_grid
 

@@ -102,13 +102,8 @@ def projected_grads(
     """
     if not isinstance(spec, ProjectionSpec):
         raise TypeError(f"spec must be a ProjectionSpec (from lf.logra), got {type(spec).__name__}")
-    check_params(model, params)
-    check_modes(model, "error")
-    mb = ModelBatch.from_batch(batch)
-    fixed, buffers = split_weights(model, params)
-    detached = {n: p.detach() for n, p in params.items()}
-    weights = (detached, fixed, buffers)
-    layers = _covered_layers(model, spec, {**detached, **fixed})
+    mb, weights = prepare(model, params, batch)
+    layers = _covered_layers(model, spec, {**weights[0], **weights[1]})
     tied = _tied_uses(model, layers)
     run = _Pass(model, mb, weights, spec, layers, sample_loss(model, mb, loss_fn), tied)
     if chunk_size is None:
@@ -120,6 +115,17 @@ def projected_grads(
         rows = slice(start, min(start + chunk_size, mb.size))
         parts.append(run(_rows(mb.tensors, rows), rows.stop - rows.start, return_activations))
     return tree_map(lambda *xs: torch.cat(xs), *parts)
+
+
+def prepare(
+    model: nn.Module, params: Mapping[str, Tensor], batch: Any
+) -> tuple[ModelBatch, tuple[dict, dict, dict]]:
+    """Checked batch and ``(detached params, the model's other params, buffers)`` of a pass."""
+    check_params(model, params)
+    check_modes(model, "error")
+    mb = ModelBatch.from_batch(batch)
+    fixed, buffers = split_weights(model, params)
+    return mb, ({n: p.detach() for n, p in params.items()}, fixed, buffers)
 
 
 def _rows(tensors: dict[str, Any], rows: slice) -> dict[str, Any]:
