@@ -64,7 +64,8 @@ class AttributionArguments:
         ids: ``"index"`` (dataset positions) or ``ids(batch, offset) -> Tensor [B]`` of the
             collated batch.
         batch_size: examples per pass; ``None`` = the trainer's eval batch size.
-        progress: progress bars; ``None`` follows ``TrainingArguments.disable_tqdm``.
+        progress: progress bars; ``None`` follows ``TrainingArguments.disable_tqdm``, on the
+            first process of each machine only.
         loss_fn: ``loss_fn(outputs, labels)`` → loss of one example; ``None`` = the model's
             token cross-entropy summed over tokens (causal shift for ``*ForCausalLM``).
     """
@@ -310,7 +311,7 @@ class Attribution:
     def _progress(self) -> bool:
         if self.args.progress is not None:
             return self.args.progress
-        return not self.trainer.args.disable_tqdm
+        return not self.trainer.args.disable_tqdm and self.trainer.is_local_process_zero()
 
     def _shared_url(self) -> str:
         """:attr:`store_url`, checked to be the same on every rank."""
