@@ -9,6 +9,10 @@ restored afterwards.
 
 Data ids are dataset indices (``ids="index"``): examples are read in dataset order, never
 shuffled, so an interrupted :meth:`Attribution.extract_log` resumes where it stopped.
+
+Under ``torchrun`` (``TrainingArguments.world_size > 1``) every rank calls the same methods:
+the ranks log their share of the batches into one store, sum the curvature, score their block
+of the training rows and gather, so every rank returns the single-process result.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from accelerate.utils import extract_model_from_parallel
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -28,10 +33,10 @@ from transformers import Trainer
 
 from ..curvature import preconditioner as make_preconditioner
 from ..curvature.kfac import Fisher
+from ..distributed import Group, gather_scores, gather_top_k, store_part
 from ..influence import Mode, TopK
 from ..influence import influence as influence_scores
 from ..influence import self_influence as self_scores
-from ..influence import top_k as best_scores
 from ..pipeline import fit_curvature, log_dataset, position_ids, store_schema
 from ..projected import projected_grads
 from ..projection import ProjectionSpec, logra
@@ -59,7 +64,8 @@ class AttributionArguments:
         ids: ``"index"`` (dataset positions) or ``ids(batch, offset) -> Tensor [B]`` of the
             collated batch.
         batch_size: examples per pass; ``None`` = the trainer's eval batch size.
-        progress: progress bars; ``None`` follows ``TrainingArguments.disable_tqdm``.
+        progress: progress bars; ``None`` follows ``TrainingArguments.disable_tqdm``, on the
+            first process of each machine only.
         loss_fn: ``loss_fn(outputs, labels)`` → loss of one example; ``None`` = the model's
             token cross-entropy summed over tokens (causal shift for ``*ForCausalLM``).
     """
@@ -147,13 +153,24 @@ class Attribution:
         step = self.trainer.state.global_step
         return f"{self.trainer.args.output_dir}/attribution/step-{step}"
 
-    def loader(self, dataset: Any) -> Batches:
-        """``dataset`` batched in order with the trainer's collator (unused columns dropped)."""
-        if self.trainer.args.world_size > 1:
-            raise NotImplementedError(
-                "Attribution runs in one process; run it from a single-process Trainer "
-                f"(this one has world_size={self.trainer.args.world_size})"
+    @property
+    def group(self) -> Group:
+        """``torch.distributed.group.WORLD`` when the trainer runs on several processes, else
+        ``None`` (this process alone)."""
+        world = self.trainer.args.world_size
+        if world == 1:
+            return None
+        if not dist.is_initialized():
+            raise RuntimeError(
+                f"the Trainer has world_size={world} but torch.distributed is not initialized"
             )
+        return dist.group.WORLD
+
+    def loader(self, dataset: Any) -> Batches:
+        """``dataset`` batched in order with the trainer's collator (unused columns dropped).
+
+        Not sharded: with several processes every rank gets the same batches and the pipeline
+        picks its own (batch ``i`` on rank ``i % world``)."""
         return Batches(self.trainer, dataset, self.args.batch_size, self.model)
 
     # the pipeline
@@ -167,17 +184,21 @@ class Attribution:
         reading.
         """
         dataset = self._train(None)
-        model, spec = self.model, self.spec
+        model, spec, group = self.model, self.spec, self.group
+        url = self._shared_url()
         schema = store_schema(model, spec, self.args.dtype)
+        rank = 0 if group is None else dist.get_rank(group)
         with (
             eval_mode(model),
-            LogStore.create(self.store_url, schema, exist_ok=True) as store,  # close = commit
+            LogStore.create(url, schema, writer=rank, exist_ok=True) as store,  # close = commit
         ):
             ids = self.args.ids
             if ids == "index":
                 todo = torch.tensor(sorted(set(range(len(dataset))) - store.committed_ids()))
+                if group is not None:  # every rank has read the same ids before any writes
+                    dist.barrier(group=group)
                 if len(todo) == 0:
-                    return LogStore.open(self.store_url)
+                    return LogStore.open(url)
                 dataset = Subset(dataset, todo.tolist())
                 ids = lambda batch, offset: todo[position_ids(batch, offset)]  # noqa: E731
             log_dataset(
@@ -190,8 +211,9 @@ class Attribution:
                 ids=ids,
                 dtype=self.args.dtype,
                 progress=self._progress,
+                group=group,
             )
-        return LogStore.open(self.store_url)
+        return LogStore.open(url)
 
     def fit_curvature(self, dataset: Any = None) -> dict[str, Any] | None:
         """Curvature factors over ``dataset`` (default: the training set), kept until the
@@ -213,6 +235,7 @@ class Attribution:
                     seed=self.args.seed,
                     loss_fn=self.args.loss_fn,
                     progress=self._progress,
+                    group=self.group,
                 )
             self._factors = (step, dataset, factors)
         return self._factors[2]
@@ -240,33 +263,45 @@ class Attribution:
 
         Logs the training set first if needed (resuming). Column ``j`` is the training example
         with data id :meth:`train_ids` ``[j]``: dataset index ``j`` with ``ids="index"``.
+        With several processes each rank scores its block of rows and every rank returns the
+        whole matrix.
         """
-        store = self.extract_log()
+        store, group = self.extract_log(), self.group
         scores = influence_scores(
             self.grads(queries),
-            store,
+            store_part(store, group),
             preconditioner=self.preconditioner(),
             mode=mode,
             progress=self._progress,
         )
-        return scores[:, self._order(store)]
+        return gather_scores(scores, group=group)[:, self._order(store)]
 
     def self_influence(self) -> Float[Tensor, " train"]:
         """``k(i, i)`` of every training example: ``[N]``, in :meth:`train_ids` order."""
-        store = self.extract_log()
-        values = self_scores(store, preconditioner=self.preconditioner(), progress=self._progress)
-        return values[self._order(store)]
+        store, group = self.extract_log(), self.group
+        part = store_part(store, group)
+        values = self_scores(part, preconditioner=self.preconditioner(), progress=self._progress)
+        return gather_scores(values[None], group=group)[0, self._order(store)]
 
     def top_k(self, queries: Any, k: int, *, mode: Mode = "dot", largest: bool = True) -> TopK:
         """The ``k`` most helpful (``largest=False``: most harmful) training examples per query:
-        data ids and scores, both ``[Q, k]``."""
-        return best_scores(
-            self.influence(queries, mode=mode), k, largest=largest, ids=self.train_ids()
+        data ids and scores, both ``[Q, k]``. With several processes only the ranks' best ``k``
+        are gathered."""
+        store, group = self.extract_log(), self.group
+        self._order(store)  # the log holds the training set
+        part = store_part(store, group)
+        scores = influence_scores(
+            self.grads(queries),
+            part,
+            preconditioner=self.preconditioner(),
+            mode=mode,
+            progress=self._progress,
         )
+        return gather_top_k(scores, k, group=group, ids=part.ids(), largest=largest)
 
     def train_ids(self) -> Tensor | list:
         """Data ids of the score columns: ``0 … N-1`` with ``ids="index"``."""
-        store = LogStore.open(self.store_url)
+        store = LogStore.open(self._shared_url())
         ids = store.ids()
         return ids[self._order(store)] if self.args.ids == "index" else ids
 
@@ -276,7 +311,20 @@ class Attribution:
     def _progress(self) -> bool:
         if self.args.progress is not None:
             return self.args.progress
-        return not self.trainer.args.disable_tqdm
+        return not self.trainer.args.disable_tqdm and self.trainer.is_local_process_zero()
+
+    def _shared_url(self) -> str:
+        """:attr:`store_url`, checked to be the same on every rank."""
+        url, group = self.store_url, self.group
+        if group is not None:
+            urls: list[Any] = [None] * dist.get_world_size(group)
+            dist.all_gather_object(urls, url, group=group)
+            if len(set(urls)) > 1:
+                raise ValueError(
+                    f"the ranks would log to different stores {urls}: pass the same "
+                    "AttributionArguments(store=...) on every rank"
+                )
+        return url
 
     def _train(self, dataset: Any) -> Any:
         dataset = self.trainer.train_dataset if dataset is None else dataset
