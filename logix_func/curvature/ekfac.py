@@ -58,9 +58,8 @@ def ekfac(kfac_factors: dict[str, Any]) -> Transform:
                     f"layer {name!r}: gradients [..., {g.shape[-2]}, {g.shape[-1]}] do not match "
                     f"the KFAC factors {tuple(acc['squares'].shape)} (another spec?)"
                 )
-            tokens = None if logs is None else _token_logs(name, logs[name], g)
-            if tokens is not None and tokens_are_cheaper(*tokens[1].shape[1:], g.shape[-1]):
-                acts, backs = tokens
+            acts, backs = (None, None) if logs is None else _token_logs(name, logs[name], g)
+            if backs is not None and tokens_are_cheaper(*backs.shape[1:3], *g.shape[-2:]):
                 check_finite(acts, name, "activations")
                 check_finite(backs, name, "backprops")
                 squares = _squares_from_tokens(qs, qa, acts, backs)
