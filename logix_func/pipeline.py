@@ -186,6 +186,6 @@ def fit_curvature(
         return factors
     e = ekfac(factors)
     state = e.init(device)
-    for grads, _ in passes("EKFAC"):
-        state = e.update(state, grads)
+    for grads, logs in passes("EKFAC"):
+        state = e.update(state, grads, logs)
     return finalize(e, state)

@@ -2,6 +2,11 @@
 
 ``Λ = E_samples[(Q_Sᵀ G Q_A)²]`` replaces KFAC's ``λ_S λ_Aᵀ``; it needs per-sample
 gradients computed with the same labels as the KFAC factors.
+
+With ``G = Σ_t δ_t a_tᵀ`` the rotation can also be taken token by token:
+``Q_Sᵀ G Q_A = Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ``. Given the KFAC logs, each layer takes whichever
+route costs fewer multiply-adds; for one token per sample (MLPs) the square factorises and
+the whole batch is one ``[k_out, B] @ [B, k_in]`` product.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from .transform import Transform, check_counted, check_finite, check_layers
@@ -18,7 +24,11 @@ def ekfac(kfac_factors: dict[str, Any]) -> Transform:
     """Eigenvalue correction on top of finalized KFAC factors.
 
     * ``init(device=None) -> state``
-    * ``update(state, grads) -> state`` with ``grads = {layer: [B, (D,) k_out, k_in]}``
+    * ``update(state, grads, logs=None) -> state`` with ``grads = {layer: [B, (D,) k_out,
+      k_in]}`` and optionally the same batch's logs ``{layer: {"activations": [B, T, k_in],
+      "backprops": [B, (D,) T, k_out], ...}}`` (padded tokens zeroed), as returned together
+      by :func:`logix_func.fisher_logs`: a layer is then rotated token by token where that is
+      cheaper (same result up to rounding).
     * ``finalize(state) -> factors``: KFAC's with ``eigenvalues`` replaced by ``Λ``.
     """
     bases = {n: (f["QS"], f["QA"]) for n, f in kfac_factors["layers"].items()}
@@ -33,8 +43,12 @@ def ekfac(kfac_factors: dict[str, Any]) -> Transform:
         }
         return {"spec": kfac_factors["spec"], "layers": layers}
 
-    def update(state: dict[str, Any], grads: dict[str, Tensor]) -> dict[str, Any]:
+    def update(
+        state: dict[str, Any], grads: dict[str, Tensor], logs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         check_layers(state["layers"], grads, "gradient layers")
+        if logs is not None:
+            check_layers(state["layers"], logs, "logged layers")
         layers = {}
         for name, acc in state["layers"].items():
             qs, qa = bases[name]
@@ -44,10 +58,16 @@ def ekfac(kfac_factors: dict[str, Any]) -> Transform:
                     f"layer {name!r}: gradients [..., {g.shape[-2]}, {g.shape[-1]}] do not match "
                     f"the KFAC factors {tuple(acc['squares'].shape)} (another spec?)"
                 )
-            check_finite(g, name, "gradients")
-            rotated = qs.T @ g.to(qs.dtype) @ qa
+            acts, backs = (None, None) if logs is None else _token_logs(name, logs[name], g)
+            if backs is not None and tokens_are_cheaper(*backs.shape[1:3], *g.shape[-2:]):
+                check_finite(acts, name, "activations")
+                check_finite(backs, name, "backprops")
+                squares = _squares_from_tokens(qs, qa, acts, backs)
+            else:
+                check_finite(g, name, "gradients")
+                squares = _squares_from_grads(qs, qa, g)
             layers[name] = {
-                "squares": acc["squares"] + rotated.pow(2).reshape(-1, *rotated.shape[-2:]).sum(0),
+                "squares": acc["squares"] + squares,
                 "samples": acc["samples"] + g.shape[0],
             }
         return {"spec": state["spec"], "layers": layers}
@@ -63,3 +83,59 @@ def ekfac(kfac_factors: dict[str, Any]) -> Transform:
         return {"spec": state["spec"], "layers": layers}
 
     return Transform(init, update, finalize)
+
+
+def _token_logs(name: str, log: dict[str, Tensor], g: Tensor) -> tuple[Tensor, Tensor]:
+    """Activations ``[B, T, k_in]`` and backprops ``[B, D, T, k_out]`` of one layer's logs."""
+    acts, backs = log["activations"], log["backprops"]
+    if backs.dim() == acts.dim():
+        backs = backs.unsqueeze(1)
+    size, draws, (k_out, k_in) = g.shape[0], g.shape[1] if g.dim() == 4 else 1, g.shape[-2:]
+    if (
+        acts.dim() != 3
+        or backs.dim() != 4
+        or acts.shape != (size, backs.shape[2], k_in)
+        or backs.shape != (size, draws, acts.shape[1], k_out)
+    ):
+        raise ValueError(
+            f"layer {name!r}: logs with activations {tuple(log['activations'].shape)} and "
+            f"backprops {tuple(log['backprops'].shape)} do not match gradients {tuple(g.shape)} "
+            "(pass the logs of the same batch)"
+        )
+    return acts, backs
+
+
+def tokens_are_cheaper(draws: int, tokens: int, k_out: int, k_in: int) -> bool:
+    """Whether rotating a sample's tokens costs fewer multiply-adds than rotating its gradients.
+
+    Per sample: tokens ``T k_in² + D T k_out²`` to rotate, then ``D k_out k_in`` (``T = 1``:
+    squares summed over the draws first, so ``k_out k_in``) or ``D T k_out k_in`` to contract;
+    gradients ``D k_out k_in (k_out + k_in)``.
+    """
+    contract = k_out * k_in if tokens == 1 else draws * tokens * k_out * k_in
+    rotate = tokens * k_in * k_in + draws * tokens * k_out * k_out
+    return rotate + contract < draws * k_out * k_in * (k_out + k_in)
+
+
+def _squares_from_grads(
+    qs: Float[Tensor, "k_out k_out"],
+    qa: Float[Tensor, "k_in k_in"],
+    grads: Float[Tensor, "batch *draws k_out k_in"],
+) -> Float[Tensor, "k_out k_in"]:
+    """``Σ_samples,draws (Q_Sᵀ G Q_A)²``."""
+    rotated = qs.T @ grads.to(qs.dtype) @ qa
+    return rotated.pow(2).reshape(-1, *rotated.shape[-2:]).sum(0)
+
+
+def _squares_from_tokens(
+    qs: Float[Tensor, "k_out k_out"],
+    qa: Float[Tensor, "k_in k_in"],
+    activations: Float[Tensor, "batch tokens k_in"],
+    backprops: Float[Tensor, "batch draws tokens k_out"],
+) -> Float[Tensor, "k_out k_in"]:
+    """``Σ_samples,draws (Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ)²``, the same sum from the token logs."""
+    a = activations.to(qa.dtype) @ qa
+    b = backprops.to(qs.dtype) @ qs
+    if a.shape[1] == 1:
+        return b[:, :, 0].pow(2).sum(1).T @ a[:, 0].pow(2)
+    return torch.einsum("ndto,nti->ndoi", b, a).pow(2).sum((0, 1))
