@@ -145,8 +145,34 @@ def test_mlp(kind):
         def ref(i):
             return 0.5 * (model(x[i : i + 1])[0, 0] - y[i]) ** 2
 
-    got = per_sample_grads(model, all_params(model), (x, y))
-    assert_grads_equal(got, loop_grads(model, list(all_params(model)), ref))
+    want = loop_grads(model, list(all_params(model)), ref)
+    assert_grads_equal(per_sample_grads(model, all_params(model), (x, y)), want)
+    assert_grads_equal(per_sample_grads(model, all_params(model), (x, y), strategy="loop"), want)
+
+
+def test_data_dependent_branch_falls_back_to_a_loop_unless_vmap_is_asked_for():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x) if x.sum() > 0 else -self.lin(x)  # branches on the values
+
+    model = Gate().double()
+    x = torch.tensor([[1.0, 2, 3], [-1, -2, -3], [0.5, -4, 1]], dtype=torch.float64)
+    y = torch.tensor([0, 1, 1])
+
+    def ref(i):
+        return F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum")
+
+    want = loop_grads(model, list(all_params(model)), ref, n=3)
+    with pytest.warns(UserWarning, match="falls back to one gradient per sample"):
+        assert_grads_equal(per_sample_grads(model, all_params(model), (x, y)), want)
+    with pytest.raises(RuntimeError, match="data-dependent Python control flow"):
+        per_sample_grads(model, all_params(model), (x, y), strategy="vmap")
+    with pytest.raises(ValueError, match="strategy must be"):
+        per_sample_grads(model, all_params(model), (x, y), strategy="jit")
 
 
 def test_cnn_with_groupnorm():

@@ -133,7 +133,9 @@ def test_item_inside_forward_names_the_line_and_what_to_do():
     with pytest.raises(
         RuntimeError, match=r"(?s)test_grads_errors.py:\d+ .*\.item\(\).*What to do"
     ):
-        grads_of(model, data())
+        grads_of(model, data(), strategy="vmap")
+    with pytest.warns(UserWarning, match=r"(?s)test_grads_errors.py:\d+ .*falls back"):
+        grads_of(model, data())  # the default strategy loops instead
 
 
 def test_nonzero_inside_forward_names_the_op():
@@ -145,7 +147,7 @@ def test_nonzero_inside_forward_names_the_op():
 def test_data_dependent_control_flow():
     model = Calls(lambda h: h if h.sum() > 0 else -h)
     with pytest.raises(RuntimeError, match=r"(?s)could not batch.*data-dependent control flow"):
-        grads_of(model, data())
+        grads_of(model, data(), strategy="vmap")
 
 
 def test_batchnorm_in_train_mode():

@@ -127,6 +127,21 @@ def test_gpt2_conv1d_layers_with_padding_and_ignored_labels():
     assert_close_dicts(actual, projected_reference(spec, loop_grads(model, batch)))
 
 
+def test_per_sample_grads_of_a_padded_gpt2_batch_fall_back_to_a_loop():
+    """transformers' mask code branches on the mask's values, which vmap cannot batch."""
+    model = gpt2(n_layer=1)
+    batch = lm_batch()
+    expected = loop_grads(model, batch)
+    with pytest.raises(RuntimeError, match="masking_utils.py"):
+        lf.per_sample_grads(model, params_of(model), batch, strategy="vmap")
+    with pytest.warns(UserWarning, match="falls back to one gradient per sample"):
+        actual = lf.per_sample_grads(model, params_of(model), batch)
+    assert_close_dicts(actual, expected)
+    assert_close_dicts(
+        lf.per_sample_grads(model, params_of(model), batch, strategy="loop"), expected
+    )
+
+
 def test_gpt2_full_rank_conv1d_gradient_is_the_transposed_weight_gradient():
     model = gpt2()
     name = "transformer.h.1.mlp.c_fc"
