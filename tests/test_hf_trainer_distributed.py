@@ -4,10 +4,6 @@ one process holding the same weights: the same store rows, influence, self-influ
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,23 +13,13 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from hf_trainer_worker import OPTIONS  # noqa: E402
+from test_distributed import torchrun  # noqa: E402
 from test_hf_trainer import QUERIES, TRAIN, tiny_llama, training_args  # noqa: E402
 
 import logix_func as lf  # noqa: E402
 from logix_func.integrations.huggingface import Attribution, AttributionArguments  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def torchrun(script: Path, *args: str, timeout: int = 150) -> subprocess.CompletedProcess:
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    command += [f"--master_port={port}", str(script), *args]
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    return subprocess.run(command, cwd=ROOT, env=env, timeout=timeout, capture_output=True)
 
 
 def test_two_ranks_equal_one_process(tmp_path):
