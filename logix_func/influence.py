@@ -9,6 +9,7 @@ it raises q's loss by ≈ k(q, t) / N). Scores are not divided by N.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import reduce
 from typing import Any, Literal, NamedTuple
 
 import tensorstore as ts
@@ -133,7 +134,7 @@ def influence_chunks(
         if per_layer:
             yield chunk.ids, layer_scores
             continue
-        scores = sum(layer_scores.values())
+        scores = reduce(torch.add, layer_scores.values())
         if mode != "dot":
             t_self = _self_kernel(chunk.rows, pre)
             if mode == "cosine":

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from functools import reduce
 from typing import Any
 
 import torch
@@ -347,9 +348,12 @@ class _Pass:
             g, v = g_of[name], v_of[name]
             acc = torch.promote_types(weight.dtype, torch.float32)
             with torch.autocast(weight.device.type, enabled=False):
-                grads[name] = sum(
-                    torch.einsum("btk,btj->bkj", gc.to(acc), vc.to(acc))
-                    for gc, vc in zip(g, v, strict=True)
+                grads[name] = reduce(  # no ``sum``: its ``0 + first`` copies a whole term
+                    torch.add,
+                    (
+                        torch.einsum("btk,btj->bkj", gc.to(acc), vc.to(acc))
+                        for gc, vc in zip(g, v, strict=True)
+                    ),
                 )
             if logs:
                 m = torch.cat([_call_mask(layer, mask, vc) for vc in v], dim=1)
