@@ -13,7 +13,8 @@ values, like projected gradients) and each number of queries, times, best of ``-
   timed, not the disk).
 
 and prints rows/s and the ratio to ``matmul`` (goal ≥ 0.7 for the store). Rows in parentheses
-time parts of the work alone (the finiteness check influence runs on every training chunk;
+time parts of the work alone (the per-row finiteness check influence runs on a chunk only when
+its scores are not finite;
 reading the store's chunks without scoring) to show where the time goes.
 """
 
@@ -55,7 +56,8 @@ def read_only(store: LogStore) -> None:
 
 
 def finite_check_only(rows: dict[str, torch.Tensor]) -> None:
-    """The per-row finiteness check influence runs on every chunk (same work, alone)."""
+    """The per-row finiteness check influence runs on a chunk whose scores are not finite
+    (the same work, alone)."""
     n = len(next(iter(rows.values())))
     for start in range(0, n, 4096):
         for v in rows.values():

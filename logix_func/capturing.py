@@ -61,9 +61,9 @@ def capture(
         model: any ``nn.Module``; only called through ``functional_call``, never changed.
         params: ``{name: Tensor}`` values for some of the model's parameters (held fixed).
         batch: ``(inputs, targets)`` or a dict with ``labels`` (see :mod:`logix_func.batch`).
-        layers: module names (projectable ones: Linear, Conv1d/2d, Embedding, the in_proj of
-            MultiheadAttention); ``None`` = the spec's layers, or every projectable module.
-            ``[]`` for watched tensors only.
+        layers: module names (projectable ones: Linear, Conv1d/2d, Embedding, transformers'
+            Conv1D, the in_proj of MultiheadAttention); ``None`` = the spec's layers, or every
+            projectable module. ``[]`` for watched tensors only.
         what: any of ``"inputs"``, ``"outputs"``, ``"output_grads"`` (watched tensors have
             outputs and output_grads). Without ``"output_grads"`` there is no backward pass.
         reduce: ``"sum"`` or ``"mean"`` over tokens, or ``None`` to keep them (module docstring).

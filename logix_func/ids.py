@@ -1,6 +1,7 @@
 """Data ids: stable int64 ids for the rows of a batch, and a duplicate check.
 
-A log keys each row by an int64 data id. Three ways to get one:
+A log keys each row by a data id (int64, or a string in a store with ``ids="str"``). Three ways
+to get an int64 one:
 
 - ``index_ids(start, n)`` / ``IndexedDataset``: the row's index in the dataset (best when the
   dataset is fixed; survives shuffling and distributed samplers through ``IndexedDataset``).
@@ -59,9 +60,10 @@ def content_ids(*tensors: Tensor | Mapping | Sequence) -> Int[Tensor, " n"]:
 
     Every tensor (or leaf of a dict/tuple, dict keys sorted) carries the rows on dimension 0.
     Row ``i`` hashes, for each leaf in order, its path (``".0"``, ``".0.input_ids"`` …), its
-    dtype, its row shape and the row's raw bytes, with blake2b (8-byte digest, top bit
-    dropped). Bytes are hashed exactly: ``-0.0`` and ``0.0`` differ, and so do float32 and
-    float64 copies of the same values. Runs on the host (not inside ``torch.compile``).
+    dtype, its row shape and the row's raw bytes, with blake2b (8-byte digest read
+    little-endian, shifted right by one bit). Bytes are hashed exactly: ``-0.0`` and ``0.0``
+    differ, and so do float32 and float64 copies of the same values. Runs on the host (not
+    inside ``torch.compile``).
 
     Returns:
         ``int64 [N]`` on CPU, non-negative.
