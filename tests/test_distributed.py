@@ -4,7 +4,6 @@ scores agree, and a rank killed midway leaves a store that a restarted job compl
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,11 +27,10 @@ def rank_ids(rank: int, batches: int = N_BATCHES) -> list[int]:
 
 
 def torchrun(script: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 150):
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    command += [f"--master_port={port}", str(script), *args]
+    # --standalone: the rendezvous takes a free port itself (a port picked here first could be
+    # taken by another job's connections before torchrun binds it)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(script), *args]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
     return subprocess.run(command, cwd=ROOT, env=env, timeout=timeout, capture_output=True)
