@@ -113,13 +113,14 @@ def main(folder: str) -> None:
     )
     dist.barrier()  # no rank leaves while another still waits on a collective
     dist.destroy_process_group()
+    # Leave before main's locals (a DDP model among them) are freed: in torch 2.13 freeing a
+    # DDP reducer joins gloo's worker thread while holding the GIL that thread may need, which
+    # deadlocks or aborts ("terminate called without an active exception") under load. Every
+    # result is written above.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # Leave without interpreter finalisation: under load, gloo's threads can abort the process
-    # there ("terminate called without an active exception"), a shutdown race in torch that
-    # does not touch the results, all written and flushed above.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
