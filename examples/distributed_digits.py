@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -69,7 +70,12 @@ def main() -> None:
     if rank == 0:
         print(f"{dist.get_world_size()} ranks, {len(store)} training rows at {store.url}")
         print_attributions(data, args.queries, helps, hurts)
+    dist.barrier()
     dist.destroy_process_group()
+    # torch 2.13 with gloo can hang or abort when the DDP model is freed at exit (see
+    # docs/distributed.md): leave now, everything is printed and the store is flushed.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
