@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -23,11 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import logix_func as lf
 from logix_func.digits import digits_split, mlp_model, train_mlp
 
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from .logra_models import interleaved_times
 
 
 def main() -> None:
@@ -60,12 +55,7 @@ def main() -> None:
                         model, params, loader, spec, method=method, fisher=fisher, progress=False
                     )
                 )
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn in cases.values():
-        fn()  # warm-up
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
-            times[name].append(timed(fn))
+    times = interleaved_times(cases, args.repeats)
     base = statistics.median(times["plain epoch (fwd+bwd)"])
     print(f"digits MLP 64-32-10, 1300 images, batch {args.batch_size}, threads {args.threads}")
     print(f"{'case':32s} {'ms':>8s} {'x epoch':>8s}")

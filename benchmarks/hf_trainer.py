@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
@@ -24,11 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 import logix_func as lf
 from logix_func.integrations.huggingface import Attribution, AttributionArguments
 
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from .logra_models import interleaved_times
 
 
 def main() -> None:
@@ -85,12 +80,7 @@ def main() -> None:
             fitted.grads(queries), store, preconditioner=pre
         ),
     }
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn in cases.values():
-        fn()  # warm-up
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
-            times[name].append(timed(fn))
+    times = interleaved_times(cases, args.repeats)
     base = statistics.median(times["trainer.train() epoch"])
     print(
         f"Llama 4x128, {args.examples} sequences of 64 tokens, batch 16, LoGra rank {args.rank}, "
