@@ -27,7 +27,6 @@ CAPACITY = 1 << 40  # rows a shard can hold; only the committed prefix is ever r
 GROUP_KEY = "zarr.json"
 ATTRS_NAME = "logix_func"
 MARKER_NAME = re.compile(r"commits/(0|[1-9][0-9]*)\.json")  # ASCII digits only, no leading 0
-MAX_CHUNK_BYTES = 1 << 32  # one array's chunk; larger sizes in metadata are refused
 _CORRUPT = ("DATA_LOSS", "Digest mismatch", "Data corruption", "checksum")
 _shared_context: ts.Context | None = None
 
@@ -190,7 +189,7 @@ class Root:
         own = re.compile(rf"{writer}\.json(_[0-9a-f]+)?\.__lock")
         commits = os.path.join(self.local, "commits")
         paths = [os.path.join(commits, n) for n in _listdir(commits) if own.fullmatch(n)]
-        for folder, _, names in os.walk(os.path.join(self.local, shard_path(writer))):
+        for folder, _, names in os.walk(os.path.join(self.local, "shards", str(writer))):
             paths += [os.path.join(folder, n) for n in names if n.endswith(".__lock")]
         for path in paths:
             with contextlib.suppress(FileNotFoundError):

@@ -11,7 +11,14 @@ import numpy as np
 from jaxtyping import Float
 from torch import Tensor
 
-from .errors import DuplicateIdError, NotAStoreError, SchemaError, StoreError, listed
+from .errors import (
+    CorruptStoreError,
+    DuplicateIdError,
+    NotAStoreError,
+    SchemaError,
+    StoreError,
+    listed,
+)
 from .idset import IdSet, KnownIds, lookup
 from .layout import ATTRS_NAME, GROUP_KEY, Root
 from .reader import Ids, LogDataset, Snapshot
@@ -27,6 +34,16 @@ def _stored_attrs(group: Any, url: str) -> dict:
         kind = group.get("node_type", "file") if isinstance(group, dict) else "file"
         raise NotAStoreError(f"{url} holds a zarr {kind}, not a logix_func store")
     return attrs[ATTRS_NAME]
+
+
+def _stored_schema(attrs: dict, url: str) -> StoreSchema:
+    try:
+        return StoreSchema.from_json(attrs["schema"])
+    except (SchemaError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CorruptStoreError(
+            f"{url}/{GROUP_KEY} holds no valid schema ({type(e).__name__}: {e}): "
+            "damaged or written by another tool; restore it from a copy"
+        ) from None
 
 
 class LogStore:
@@ -56,7 +73,7 @@ class LogStore:
         self._root = root
         self.url = root.url
         self.attrs = attrs
-        self.schema = StoreSchema.from_json(attrs["schema"])
+        self.schema = _stored_schema(attrs, root.url)
         self.writer = writer
         self.on_duplicate = on_duplicate
         self._snapshot: Snapshot | None = None
@@ -111,7 +128,7 @@ class LogStore:
                     f"{url} already holds a store; open it with LogStore.open(url, mode='a') "
                     "or pass exist_ok=True"
                 )
-            differences = StoreSchema.from_json(info["schema"]).differences(schema)
+            differences = _stored_schema(info, url).differences(schema)
             if differences:
                 raise SchemaError(f"{url} holds a different schema: " + "; ".join(differences))
         return cls(root, info, "a", writer, on_duplicate, max_inflight)
