@@ -44,6 +44,7 @@ class ShardWriter:
         self.owner = uuid.uuid4().hex
         self.guard = threading.Lock()  # marker writes: this thread and the lease renewal
         self.marker = self.lock = self.renewal = None
+        self.expires = self.valid_until = float("inf")  # lease of the pending, last marker
         if root.local is not None:
             self.lock = lock.FileLock(root, writer)  # refuses a writer id in use
         try:
@@ -145,6 +146,8 @@ class ShardWriter:
         A full chunk's buffers are handed over to tensorstore (no copy, never touched again);
         a partial chunk is copied, as its buffers keep filling.
         """
+        if self.renewal is not None and self.valid_until < time.time() + lock.LEASE_SECONDS / 4:
+            self.renew()  # never write a chunk under a lease that may have lapsed
         end = self.start + self.schema.chunk_rows
         futures = [
             a[self.start : end]
@@ -176,6 +179,7 @@ class ShardWriter:
 
     def _write_marker(self, rows: int, lease: bool = True):
         expires = time.time() + lock.LEASE_SECONDS if lease and self.lock is None else None
+        self.expires = float("inf") if expires is None else expires
         value = marker(rows, self.owner, expires)
         return self.root.write_json(self.key, value, self.generation)
 
@@ -193,4 +197,4 @@ class ShardWriter:
                 "marker changed under us (rows appended since the last commit are not stored); "
                 "give every concurrent writer its own writer id"
             )
-        self.generation = generation
+        self.generation, self.valid_until = generation, self.expires
