@@ -226,7 +226,10 @@ def test_same_writer_id_twice_is_refused_before_writing(tmp_path, where):
     first.append(range(4), {k: v[:4] for k, v in rows.items()})
     first.flush()
     marker = LogStore.open(url)._root.read_json("commits/3.json")
-    with pytest.raises(WriterConflictError, match="writer 3 of .* in use by another process"):
+    with pytest.raises(
+        WriterConflictError,
+        match="writer 3 of .* in use by another LogStore of this process.*close",
+    ):
         LogStore.open(url, "a", writer=3)
     assert LogStore.open(url)._root.read_json("commits/3.json") == marker  # nothing written
     first.append(range(4, 8), {k: v[4:] for k, v in rows.items()})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import threading
 import time
 import weakref
@@ -27,10 +28,21 @@ from .layout import Root, shard_path
 LEASE_SECONDS = 60.0
 
 
-def in_use(writer: int, url: str, how: str) -> WriterConflictError:
+def holder_name() -> str:
+    """``host/pid``: who holds a writer id, as written into its lock file or lease."""
+    return f"{socket.gethostname()}/{os.getpid()}"
+
+
+def in_use(writer: int, url: str, how: str, holder: str) -> WriterConflictError:
+    if holder == holder_name():
+        return WriterConflictError(
+            f"writer {writer} of {url} is in use by another LogStore of this process ({how}); "
+            "close() that one first (or use a with block), or pass another writer id"
+        )
     return WriterConflictError(
-        f"writer {writer} of {url} is in use by another process ({how}); give every process "
-        "its own writer id (e.g. writer=rank), or wait until that process has closed the store"
+        f"writer {writer} of {url} is in use by another process ({how}, holder {holder or '?'}); "
+        "give every process its own writer id (e.g. writer=rank), or wait until that process "
+        "has closed the store"
     )
 
 
@@ -41,14 +53,19 @@ class FileLock:
         path = os.path.join(root.local, shard_path(writer).rsplit("/", 1)[0], "writer.lock")
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            self.file = open(path, "ab")  # noqa: SIM115 (closed, so unlocked, on release or exit)
+            self.file = open(path, "a+b")  # noqa: SIM115 (closed, so unlocked, on release or exit)
         except OSError as e:
             raise StoreIOError(f"opening the lock of writer {writer} of {root.url}: {e}") from e
         try:
             fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read(200).decode(errors="replace")
             self.file.close()
-            raise in_use(writer, root.url, f"it holds the lock on {path}") from None
+            raise in_use(writer, root.url, f"it holds the lock on {path}", holder) from None
+        self.file.truncate(0)
+        self.file.write(holder_name().encode())
+        self.file.flush()
 
     def release(self) -> None:
         self.file.close()
@@ -60,7 +77,7 @@ def check_lease(marker: dict | None, writer: int, url: str) -> None:
     if expires is not None and expires > time.time():
         until = datetime.fromtimestamp(expires, timezone.utc).isoformat(timespec="seconds")
         how = f"its lease in commits/{writer}.json runs until {until} unless renewed"
-        raise in_use(writer, url, how)
+        raise in_use(writer, url, how, marker.get("owner", "").rsplit("/", 1)[0])
 
 
 class Renewal:

@@ -41,7 +41,7 @@ class ShardWriter:
         self.root, self.schema, self.writer = root, schema, writer
         self.max_inflight = max_inflight
         self.key = marker_key(writer)
-        self.owner = uuid.uuid4().hex
+        self.owner = f"{lock.holder_name()}/{uuid.uuid4().hex}"
         self.guard = threading.Lock()  # marker writes: this thread and the lease renewal
         self.marker = self.lock = self.renewal = None
         self.expires = self.valid_until = float("inf")  # lease of the pending, last marker
