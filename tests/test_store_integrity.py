@@ -17,6 +17,7 @@ from logix_func.store import (
     CorruptStoreError,
     DuplicateIdError,
     LogStore,
+    SchemaError,
     StoreSchema,
     WriterConflictError,
     lock,
@@ -188,6 +189,21 @@ def test_duplicate_ids_across_writers_open_but_refuse_scoring(tmp_path):
     rows = rows_for(fixed.ids().tolist())
     expected = sum(query[k].flatten(1) @ rows[k].flatten(1).T for k in LAYERS)
     assert torch.allclose(lf.influence(query, fixed), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_create_is_conditional_on_object_stores_too():
+    """The root ``zarr.json`` is written only where none exists (``memory://`` as an object
+    store); racing creates across processes are tested on local files."""
+    url = "memory://create-once"
+    LogStore.create(url, StoreSchema(layers={"a": (4,)})).close()
+    with pytest.raises(SchemaError, match=r"layers: store has \{'a': \[4\]\}"):
+        LogStore.create(url, StoreSchema(layers={"a": (5,)}), exist_ok=True)
+    root = LogStore.open(url)._root
+    assert not root.create_json("zarr.json", {"other": 1})
+    assert root.read_json("zarr.json")[0]["attributes"]["logix_func"]["schema"]["layers"] == {
+        "a": [4]
+    }
+    assert root.create_json("elsewhere.json", {"x": 1}) and root.read_json("elsewhere.json")[0]
 
 
 def test_temp_files_of_killed_writes_are_removed_by_their_writer_only(tmp_path):

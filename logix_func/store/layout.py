@@ -27,7 +27,7 @@ CAPACITY = 1 << 40  # rows a shard can hold; only the committed prefix is ever r
 GROUP_KEY = "zarr.json"
 ATTRS_NAME = "logix_func"
 MARKER_NAME = re.compile(r"commits/(0|[1-9][0-9]*)\.json")  # ASCII digits only, no leading 0
-_CORRUPT = ("DATA_LOSS", "Digest mismatch", "Data corruption", "checksum")
+_CORRUPT = ("DATA_LOSS", "Digest mismatch", "Data corruption")
 _shared_context: ts.Context | None = None
 
 
@@ -154,18 +154,30 @@ class Root:
         conditional write there is a check and a rename, two steps). Other kvstores: a write
         conditioned on the key's absence.
         """
+        data = json.dumps(value).encode()
         if self.local is None:
-            written = wait(self.kv.write(key, json.dumps(value).encode(), if_equal=b""), key)
+            existing, absent = self.read_json(key)  # ``absent``: the generation of no value
+            if existing is not None:
+                return False
+            written = wait(self.kv.write(key, data, if_equal=absent), f"creating {self.url}")
             return bool(written.generation)
         path = os.path.join(self.local, key)
         temp = f"{path}.{uuid.uuid4().hex}.create"
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(temp, "wb") as f:
-                f.write(json.dumps(value).encode())
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.link(temp, path)
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links here: exclusive create, then write
+                with open(path, "xb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
             return True
         except FileExistsError:
             return False
