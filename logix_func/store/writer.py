@@ -80,8 +80,10 @@ class ShardWriter:
         self.landed = self.committed  # rows durable in the arrays
 
     def renew(self) -> None:
-        """Extend the lease (a marker write with the same row count)."""
+        """Extend the lease (a marker write with the same row count), unless released."""
         with self.guard:
+            if self.renewal is None:
+                return
             self._check_marker()
             self.marker = self._write_marker(self.committed)
             self._check_marker()
