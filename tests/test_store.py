@@ -368,3 +368,19 @@ def test_numpy_and_tensor_ids_agree():
         store.append(np.arange(3, dtype=np.int32), {k: v[:3] for k, v in rows.items()})
         store.append(torch.arange(3, 6), {k: v[3:] for k, v in rows.items()})
     assert LogStore.open(url).ids().tolist() == list(range(6))
+
+
+def test_all_zero_chunks_are_stored(tmp_path):
+    """A chunk equal to the fill value (zero rows; the padded ids chunk of the one id 0) is
+    stored like any other: a missing chunk stays an error."""
+    url = str(tmp_path / "s")
+    with LogStore.create(url, StoreSchema(layers={"g": (4,)}, chunk_rows=4)) as store:
+        store.append([0], {"g": torch.zeros(1, 4)})
+    store = LogStore.open(url)
+    assert store.ids().tolist() == [0]
+    assert torch.equal(store.read([0])["g"], torch.zeros(1, 4))
+    with LogStore.open(url, "a") as store:
+        store.append(range(1, 9), {"g": torch.zeros(8, 4)})
+    ids, rows = zip(*LogStore.open(url).iter_chunks(), strict=True)
+    assert torch.cat(ids).tolist() == list(range(9))
+    assert torch.equal(torch.cat([r["g"] for r in rows]), torch.zeros(9, 4))

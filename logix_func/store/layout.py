@@ -215,7 +215,12 @@ class Root:
 
         def start(path: str, meta: dict, make: bool) -> Any:
             kvstore = {**self.spec, "path": self.spec["path"] + path + "/"}
-            spec = {"driver": "zarr3", "kvstore": kvstore, "fill_missing_data_reads": False}
+            spec = {
+                "driver": "zarr3",
+                "kvstore": kvstore,
+                "fill_missing_data_reads": False,
+                "store_data_equal_to_fill_value": True,  # all-zero chunks are stored too
+            }
             if make:
                 return ts.open({**spec, "metadata": meta}, context=self.context, create=True)
             fixed = {k: meta[k] for k in ("shape", "chunk_grid", "data_type")}
