@@ -241,8 +241,15 @@ def test_same_writer_id_twice_is_refused_before_writing(tmp_path, where):
 
 @pytest.mark.parametrize("writer", [True, -1, 1.0, "0"])
 def test_writer_ids_are_validated(writer):
+    url = memory_url()
     with pytest.raises(ValueError, match="writer must be a non-negative int"):
-        LogStore.create(memory_url(), StoreSchema(layers=LAYERS), writer=writer)
+        LogStore.create(url, StoreSchema(layers=LAYERS), writer=writer)
+    with pytest.raises(NotAStoreError):  # refused before anything was written
+        LogStore.open(url)
+    LogStore.create(url, StoreSchema(layers=LAYERS)).close()
+    with pytest.raises(ValueError, match="writer must be a non-negative int"):
+        LogStore.open(url, "a", writer=writer)
+    assert LogStore.open(url)._root.writers() == [0]
 
 
 def test_open_what_is_not_a_store(tmp_path):
