@@ -120,12 +120,12 @@ class Snapshot:
     def duplicate_error(self, repeated: np.ndarray, what: str) -> DuplicateIdError:
         """A :class:`DuplicateIdError` naming ``repeated`` ids, their writers and the repair."""
         ordered, order = self.index()
-        at = np.searchsorted(ordered, repeated[:10])
-        first = ordered.searchsorted(repeated[:10], side="right")
-        writers = sorted(
+        begin = ordered.searchsorted(repeated[:10])
+        end = ordered.searchsorted(repeated[:10], side="right")
+        writers = sorted(  # the writers whose shards hold the first ten repeated ids
             {
                 self.counts[s][0]
-                for a, b in zip(at, first, strict=True)
+                for a, b in zip(begin, end, strict=True)
                 for s in np.searchsorted(self.offsets, order[a:b], side="right") - 1
             }
         )
