@@ -255,6 +255,10 @@ class StorePart:
         """Data ids of the block's rows, in read order."""
         return self.store.ids()[self.start : self.stop]
 
+    def check_unique(self) -> None:
+        """:meth:`LogStore.check_unique` of the whole store."""
+        self.store.check_unique()
+
     def iter_chunks(
         self, layers: Sequence[str] | None = None, chunk_rows: int | None = None, prefetch: int = 1
     ) -> Iterator[tuple[Any, dict[str, Tensor]]]:

@@ -35,13 +35,15 @@ class Chunk(NamedTuple):
 
 
 def iter_rows(train: Any, chunk_rows: int) -> Iterator[Chunk]:
-    """Chunks of ``train``: a rows dict (ids ``0..N-1``) or a store (its own chunks and ids)."""
+    """Chunks of ``train``: a rows dict (ids ``0..N-1``) or a store (its own chunks and ids;
+    a store holding an id twice is refused)."""
     if isinstance(train, Mapping):
         n = _num_rows(train)
         for start in range(0, n, chunk_rows):
             stop = min(start + chunk_rows, n)
             yield Chunk(torch.arange(start, stop), {k: v[start:stop] for k, v in train.items()})
     else:
+        train.check_unique()
         for ids, rows in train.iter_chunks(chunk_rows=chunk_rows):
             yield Chunk(ids, rows)
 

@@ -88,7 +88,8 @@ def log_dataset(
     ``store`` is an open LogStore or a URL (created with :func:`store_schema` if absent).
     Examples whose data id is already committed are skipped, so a rerun after a crash resumes
     without duplicates or gaps. ``ids(batch, offset)`` names the examples of a batch
-    (default: positions in the loader's order). Returns the store, flushed.
+    (default: positions in the loader's order). Returns the store, flushed; given a URL, the
+    store it opened is closed (giving its writer id up) and returned reopened for reading.
 
     With a process ``group`` every rank passes the same loader and logs its batches
     (``i % world == rank``) as writer ``rank`` of the store; the ranks then wait for each other,
@@ -96,7 +97,8 @@ def log_dataset(
     """
     model = local_model(model)
     rank, world = rank_world(group)
-    if isinstance(store, str):
+    opened = isinstance(store, str)
+    if opened:
         schema = store_schema(model, spec, dtype)
         store = LogStore.create(store, schema, writer=rank, exist_ok=True)
     expected = spec.to_dict()
@@ -129,6 +131,9 @@ def log_dataset(
 
         dist.barrier(group=group)
         store.refresh()
+    if opened:
+        store.close()
+        store = LogStore.open(store.url)
     return store
 
 

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from logix_func.store import LogStore, StoreIOError, StoreSchema
+from logix_func.store import LogStore, SchemaError, StoreIOError, StoreSchema, WriterConflictError
 
 LAYERS = {"fc1": (4, 8), "fc2": (16,)}
 
@@ -49,6 +49,56 @@ def write_ids(
             if flush_every and step % flush_every == 0:
                 store.flush()
             time.sleep(pause)
+
+
+def race_writer(url: str, ids: list[int], start, queue) -> None:
+    """Log ``ids`` as writer 0 once ``start`` (a Barrier) lets every racer go; report whether
+    this process was refused the writer id when opening ("refused") or later ("lost")."""
+    start.wait()
+    try:
+        store = LogStore.create(url, schema(), writer=0, exist_ok=True)
+    except WriterConflictError as e:
+        queue.put(("refused", str(e)))
+        return
+    try:
+        with store:
+            for step, begin in enumerate(range(0, len(ids), 8)):
+                store.append(ids[begin : begin + 8], rows_for(ids[begin : begin + 8]))
+                if step % 2 == 0:
+                    store.flush()
+                time.sleep(0.002)
+    except WriterConflictError as e:
+        queue.put(("lost", str(e)))
+        return
+    queue.put(("ok", ids))
+
+
+def race_create(url: str, layers: dict, start, queue) -> None:
+    """Create (or open) a store of ``layers`` once ``start`` lets every racer go; append 5 rows."""
+    start.wait()
+    try:
+        store_schema = StoreSchema(layers=layers, chunk_rows=4)
+        with LogStore.create(url, store_schema, writer=os.getpid(), exist_ok=True) as store:
+            store.append(range(os.getpid() * 8, os.getpid() * 8 + 5), rows_of(layers, 5))
+    except SchemaError as e:
+        queue.put(("SchemaError", str(e)))
+        return
+    queue.put(("ok", layers))
+
+
+def rows_of(layers: dict, n: int) -> dict[str, torch.Tensor]:
+    return {name: torch.ones(n, *shape) for name, shape in layers.items()}
+
+
+def hold_writer(url: str, ids: list[int], ready) -> None:
+    """Commit ``ids`` as writer 0, leave more rows uncommitted, and hold the writer id."""
+    store = LogStore.create(url, schema(), writer=0, exist_ok=True)
+    store.append(ids, rows_for(ids))
+    store.flush()
+    more = [i + 10_000 for i in ids]
+    store.append(more, rows_for(more))  # pending until a flush that never comes
+    ready.set()
+    time.sleep(600)
 
 
 def write_with_file_limit(url: str, limit_bytes: int, queue) -> None:

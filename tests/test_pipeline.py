@@ -73,3 +73,13 @@ def test_main_job_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert (tmp_path / "digits" / "influence.png").stat().st_size > 10_000
     main(args)  # every stage reuses what the run folder holds
     assert capsys.readouterr().out.splitlines()[3:] == out.splitlines()[3:]
+
+
+def test_log_dataset_twice_into_one_store_url(tmp_path):
+    """A URL's store is closed at the end, so its writer id is free for the next call."""
+    model, params, x, y = small_problem()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    spec, url = lf.logra(model, rank=2), str(tmp_path / "twice")
+    first = log_dataset(model, params, loader, spec, url, progress=False)
+    again = log_dataset(model, params, loader, spec, url, progress=False)
+    assert len(again) == len(first) and again.committed_ids() == first.committed_ids()

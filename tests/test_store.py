@@ -95,8 +95,9 @@ def test_bfloat16_is_stored_as_bfloat16_bits(tmp_path):
         store.append(range(8), rows)
     array = tmp_path / "s" / "shards" / "0" / "layers" / "g"
     assert json.loads((array / "zarr.json").read_text())["data_type"] == "bfloat16"
-    chunk = (array / "c.0.0").read_bytes()  # codec "none": the raw little-endian bits
-    assert chunk == rows["g"].view(torch.int16).numpy().astype("<i2").tobytes()
+    chunk = (array / "c.0.0").read_bytes()  # codec "none": the raw little-endian bits, crc32c
+    assert chunk[:-4] == rows["g"].view(torch.int16).numpy().astype("<i2").tobytes()
+    assert len(chunk) == 8 * 4 * 2 + 4
 
 
 def test_schema_from_rows_and_attributes():
@@ -218,14 +219,37 @@ def test_writers_are_shards_read_in_writer_order():
     assert [len(ids) for ids, _ in store.iter_chunks(chunk_rows=3)] == [2, 3, 1, 3]
 
 
-def test_same_writer_id_twice_is_refused():
-    url, rows = memory_url(), make_rows(4)
-    first = LogStore.create(url, StoreSchema(layers=LAYERS), writer=3)
-    second = LogStore.open(url, "a", writer=3)  # takes the shard over
-    first.append(range(4), rows)
-    with pytest.raises(WriterConflictError, match="writer 3 .* another process"):
-        first.flush()
-    second.close()
+@pytest.mark.parametrize("where", ["memory", "file"])
+def test_same_writer_id_twice_is_refused_before_writing(tmp_path, where):
+    url, rows = memory_url() if where == "memory" else str(tmp_path / "s"), make_rows(8)
+    first = LogStore.create(url, StoreSchema(layers=LAYERS, chunk_rows=4), writer=3)
+    first.append(range(4), {k: v[:4] for k, v in rows.items()})
+    first.flush()
+    marker = LogStore.open(url)._root.read_json("commits/3.json")
+    with pytest.raises(
+        WriterConflictError,
+        match="writer 3 of .* in use by another LogStore of this process.*close",
+    ):
+        LogStore.open(url, "a", writer=3)
+    assert LogStore.open(url)._root.read_json("commits/3.json") == marker  # nothing written
+    first.append(range(4, 8), {k: v[4:] for k, v in rows.items()})
+    first.close()  # gives the writer id up
+    with LogStore.open(url, "a", writer=3) as again:
+        assert again.committed_ids() == set(range(8))
+    assert same_bits(LogStore.open(url).read(range(8))["fc1"], rows["fc1"])
+
+
+@pytest.mark.parametrize("writer", [True, -1, 1.0, "0"])
+def test_writer_ids_are_validated(writer):
+    url = memory_url()
+    with pytest.raises(ValueError, match="writer must be a non-negative int"):
+        LogStore.create(url, StoreSchema(layers=LAYERS), writer=writer)
+    with pytest.raises(NotAStoreError):  # refused before anything was written
+        LogStore.open(url)
+    LogStore.create(url, StoreSchema(layers=LAYERS)).close()
+    with pytest.raises(ValueError, match="writer must be a non-negative int"):
+        LogStore.open(url, "a", writer=writer)
+    assert LogStore.open(url)._root.writers() == [0]
 
 
 def test_open_what_is_not_a_store(tmp_path):
@@ -351,3 +375,19 @@ def test_numpy_and_tensor_ids_agree():
         store.append(np.arange(3, dtype=np.int32), {k: v[:3] for k, v in rows.items()})
         store.append(torch.arange(3, 6), {k: v[3:] for k, v in rows.items()})
     assert LogStore.open(url).ids().tolist() == list(range(6))
+
+
+def test_all_zero_chunks_are_stored(tmp_path):
+    """A chunk equal to the fill value (zero rows; the padded ids chunk of the one id 0) is
+    stored like any other: a missing chunk stays an error."""
+    url = str(tmp_path / "s")
+    with LogStore.create(url, StoreSchema(layers={"g": (4,)}, chunk_rows=4)) as store:
+        store.append([0], {"g": torch.zeros(1, 4)})
+    store = LogStore.open(url)
+    assert store.ids().tolist() == [0]
+    assert torch.equal(store.read([0])["g"], torch.zeros(1, 4))
+    with LogStore.open(url, "a") as store:
+        store.append(range(1, 9), {"g": torch.zeros(8, 4)})
+    ids, rows = zip(*LogStore.open(url).iter_chunks(), strict=True)
+    assert torch.cat(ids).tolist() == list(range(9))
+    assert torch.equal(torch.cat([r["g"] for r in rows]), torch.zeros(9, 4))

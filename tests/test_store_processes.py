@@ -14,7 +14,7 @@ import store_writer
 import torch
 from store_writer import rows_for
 
-from logix_func.store import LogStore, StoreIOError, StoreSchema
+from logix_func.store import LogStore, StoreIOError, StoreSchema, WriterConflictError
 
 
 def check_store(url: str, allowed: set[int]) -> list[int]:
@@ -129,3 +129,77 @@ def test_read_only_directory_raises(tmp_path):
         assert kind == "StoreIOError" and "Permission denied" in message, outcomes["ro"]
     finally:
         shutil.rmtree(base)
+
+
+def test_same_writer_id_race_is_refused_never_mixed(tmp_path):
+    """Two processes log different ids as writer 0 at once, 20 times: each one either finishes
+    or is refused before writing, and the store holds exactly the finished ones' rows."""
+    ctx = store_writer.forkserver()
+    refused = 0
+    for trial in range(20):
+        url, queue, start = str(tmp_path / f"race{trial}"), ctx.Queue(), ctx.Barrier(2)
+        parts = [list(range(0, 120)), list(range(1000, 1120))]
+        children = [
+            ctx.Process(target=store_writer.race_writer, args=(url, part, start, queue))
+            for part in parts
+        ]
+        for child in children:
+            child.start()
+        outcomes = [queue.get(timeout=120) for _ in children]
+        for child in children:
+            child.join(timeout=60)
+            assert child.exitcode == 0
+        assert {kind for kind, _ in outcomes} <= {"ok", "refused"}, outcomes
+        finished = [ids for kind, ids in outcomes if kind == "ok"]
+        assert finished, outcomes  # the holder is never refused
+        for kind, message in outcomes:
+            if kind == "refused":
+                refused += 1
+                assert "writer 0 of" in message and "own writer id" in message
+        ids = check_store(url, set(parts[0] + parts[1]))
+        assert sorted(ids) == sorted(i for part in finished for i in part)
+    assert refused >= 10, f"the processes overlapped in only {refused} of 20 trials"
+
+
+def test_killed_holder_releases_the_writer_id(tmp_path):
+    ctx = store_writer.forkserver()
+    url, ids, ready = str(tmp_path / "held"), list(range(40)), ctx.Event()
+    child = ctx.Process(target=store_writer.hold_writer, args=(url, ids, ready))
+    child.start()
+    assert ready.wait(120)
+    marker = (Path(url) / "commits" / "0.json").read_bytes()
+    with pytest.raises(
+        WriterConflictError, match=r"writer 0 of .* in use by another process .*holder [^/]+/\d+\)"
+    ):
+        LogStore.open(url, "a", writer=0)  # a live holder keeps it
+    assert (Path(url) / "commits" / "0.json").read_bytes() == marker  # nothing written
+    child.kill()
+    child.join()
+    expected = ids + [i + 10_000 for i in ids]
+    committed = check_store(url, set(expected))
+    assert committed == expected[: len(committed)] and len(committed) >= len(ids)
+    store_writer.write_ids(url, expected, 0, 7, 0, 0.0)  # reopens writer 0 and resumes
+    assert check_store(url, set(expected)) == expected
+    assert not list(Path(url).rglob("*.__lock"))
+
+
+def test_racing_creates_with_different_schemas(tmp_path):
+    ctx = store_writer.forkserver()
+    schemas = [{"a": (4,)}, {"a": (5,)}]
+    for trial in range(6):
+        url, queue, start = str(tmp_path / f"create{trial}"), ctx.Queue(), ctx.Barrier(2)
+        children = [
+            ctx.Process(target=store_writer.race_create, args=(url, layers, start, queue))
+            for layers in schemas
+        ]
+        for child in children:
+            child.start()
+        outcomes = sorted((queue.get(timeout=120) for _ in children), key=lambda o: o[0])
+        for child in children:
+            child.join(timeout=60)
+        assert [kind for kind, _ in outcomes] == ["SchemaError", "ok"], outcomes
+        winner = {k: tuple(v) for k, v in outcomes[1][1].items()}
+        assert "store has" in outcomes[0][1]
+        store = LogStore.open(url)
+        assert dict(store.schema.layers) == winner and len(store) == 5
+        assert torch.equal(store.read(store.ids())["a"], torch.ones(5, *winner["a"]))

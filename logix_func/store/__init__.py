@@ -1,6 +1,7 @@
 """Logs on tensorstore (zarr v3): crash-safe, resumable, concurrent writers; see docs/store.md."""
 
 from .errors import (
+    CorruptStoreError,
     DuplicateIdError,
     NotAStoreError,
     SchemaError,
@@ -13,6 +14,7 @@ from .reader import LogDataset
 from .schema import StoreSchema, model_fingerprint
 
 __all__ = [
+    "CorruptStoreError",
     "DuplicateIdError",
     "LogDataset",
     "LogStore",

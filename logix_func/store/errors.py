@@ -22,11 +22,15 @@ class NotAStoreError(StoreError, FileNotFoundError):
 
 
 class WriterConflictError(StoreError):
-    """Another process writes the same shard."""
+    """Another process holds (or took over) the same writer id."""
 
 
 class StoreIOError(StoreError, OSError):
     """Reading or writing the underlying storage failed (permissions, full disk, network)."""
+
+
+class CorruptStoreError(StoreIOError):
+    """A stored file is damaged: a checksum mismatch, a truncated marker, crafted metadata."""
 
 
 def listed(items: list, limit: int = 10) -> str:

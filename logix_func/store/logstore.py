@@ -11,8 +11,16 @@ import numpy as np
 from jaxtyping import Float
 from torch import Tensor
 
-from .errors import DuplicateIdError, NotAStoreError, SchemaError, StoreError, listed
-from .layout import ATTRS_NAME, GROUP_KEY, Root, wait
+from .errors import (
+    CorruptStoreError,
+    DuplicateIdError,
+    NotAStoreError,
+    SchemaError,
+    StoreError,
+    listed,
+)
+from .idset import IdSet, KnownIds, lookup
+from .layout import ATTRS_NAME, GROUP_KEY, Root
 from .reader import Ids, LogDataset, Snapshot
 from .schema import StoreSchema
 from .writer import ShardWriter
@@ -26,6 +34,16 @@ def _stored_attrs(group: Any, url: str) -> dict:
         kind = group.get("node_type", "file") if isinstance(group, dict) else "file"
         raise NotAStoreError(f"{url} holds a zarr {kind}, not a logix_func store")
     return attrs[ATTRS_NAME]
+
+
+def _stored_schema(attrs: dict, url: str) -> StoreSchema:
+    try:
+        return StoreSchema.from_json(attrs["schema"])
+    except (SchemaError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CorruptStoreError(
+            f"{url}/{GROUP_KEY} holds no valid schema ({type(e).__name__}: {e}): "
+            "damaged or written by another tool; restore it from a copy"
+        ) from None
 
 
 class LogStore:
@@ -51,12 +69,11 @@ class LogStore:
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         if on_duplicate not in ("error", "skip"):
             raise ValueError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
-        if not isinstance(writer, int) or writer < 0:
-            raise ValueError(f"writer must be a non-negative int (e.g. the rank), got {writer!r}")
+        _check_writer(writer)
         self._root = root
         self.url = root.url
         self.attrs = attrs
-        self.schema = StoreSchema.from_json(attrs["schema"])
+        self.schema = _stored_schema(attrs, root.url)
         self.writer = writer
         self.on_duplicate = on_duplicate
         self._snapshot: Snapshot | None = None
@@ -64,7 +81,11 @@ class LogStore:
         self._failed: Exception | None = None
         if mode == "a":
             self._shard = ShardWriter(root, self.schema, writer, max_inflight)
-            self._known = KnownIds(self._snap().index()[0])
+            try:
+                self._known = KnownIds(self._snap().index()[0])
+            except BaseException:
+                self._shard.release()
+                raise
 
     @classmethod
     def create(
@@ -89,6 +110,7 @@ class LogStore:
             max_inflight: chunk writes pending before :meth:`append` waits.
             durable: fsync local files before committing (off: survives process crashes only).
         """
+        _check_writer(writer)
         root = Root(url, durable)
         info = {
             "schema": schema.to_json(),
@@ -96,11 +118,9 @@ class LogStore:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         group = {"zarr_format": 3, "node_type": "group", "attributes": {ATTRS_NAME: info}}
-        existing, generation = root.read_json(GROUP_KEY)
-        if existing is None:
-            written = wait(root.write_json(GROUP_KEY, group, generation), f"creating {url}")
-            if not written.generation:  # another process created it meanwhile
-                existing, _ = root.read_json(GROUP_KEY)
+        existing, _ = root.read_json(GROUP_KEY)
+        if existing is None and not root.create_json(GROUP_KEY, group):
+            existing, _ = root.read_json(GROUP_KEY)  # another process created it meanwhile
         if existing is not None:
             info = _stored_attrs(existing, url)
             if not exist_ok:
@@ -108,7 +128,7 @@ class LogStore:
                     f"{url} already holds a store; open it with LogStore.open(url, mode='a') "
                     "or pass exist_ok=True"
                 )
-            differences = StoreSchema.from_json(info["schema"]).differences(schema)
+            differences = _stored_schema(info, url).differences(schema)
             if differences:
                 raise SchemaError(f"{url} holds a different schema: " + "; ".join(differences))
         return cls(root, info, "a", writer, on_duplicate, max_inflight)
@@ -188,10 +208,15 @@ class LogStore:
         self._snapshot = None
 
     def close(self) -> None:
-        """Flush and stop writing; the store stays readable."""
-        if self._shard is not None and self._failed is None:
-            self.flush()
-        self._shard = None
+        """Flush, stop writing and give the writer id up; the store stays readable."""
+        shard = self._shard
+        try:
+            if shard is not None and self._failed is None:
+                self.flush()
+        finally:
+            if shard is not None:
+                shard.release()
+            self._shard = None
 
     def __enter__(self) -> LogStore:
         return self
@@ -223,9 +248,17 @@ class LogStore:
         """All committed data ids in read order: an int64 tensor, or a list of strings."""
         return self._snap().decode(self._snap().all_ids())
 
-    def committed_ids(self) -> set:
-        """The set of committed data ids: skip these when resuming a logging loop."""
-        return set(self.schema.id_keys(self._snap().index()[0]))
+    def committed_ids(self) -> IdSet:
+        """The committed data ids, a read-only set (8 bytes per int id): skip these when
+        resuming a logging loop. Ids stored twice (see :meth:`check_unique`) appear once."""
+        return IdSet(self._snap().unique_ids(), self.schema.ids == "str")
+
+    def check_unique(self) -> None:
+        """Raise :class:`DuplicateIdError` if two writers stored the same data id (it names
+        some of them, their writers and how to repair); scoring calls this first."""
+        repeated = self._snap().repeated()
+        if len(repeated):
+            raise self._snap().duplicate_error(repeated, "cannot score")
 
     def iter_chunks(
         self,
@@ -259,10 +292,14 @@ class LogStore:
         snap = self._snap()
         raw, keys = self.schema.encode_ids(data_ids)
         sorted_ids, order = snap.index()
-        at, found = lookup(sorted_ids, self.schema.id_column(raw))
+        column = self.schema.id_column(raw)
+        at, found = lookup(sorted_ids, column)
         if not found.all():
             missing = [k for k, f in zip(keys, found, strict=True) if not f]
             raise KeyError(f"data ids not in {self.url}: {listed(missing)}")
+        ambiguous = lookup(snap.repeated(), column)[1]
+        if ambiguous.any():
+            raise snap.duplicate_error(np.unique(column[ambiguous]), "cannot read")
         return snap.read_positions(order[at], layers)[1]
 
     def dataset(self, layers: Sequence[str] | None = None) -> LogDataset:
@@ -282,31 +319,9 @@ class LogStore:
         return self._snapshot
 
 
-def lookup(sorted_ids: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(index, found)`` of each query id in a sorted id column."""
-    if len(sorted_ids) == 0:
-        return np.zeros(len(query), np.int64), np.zeros(len(query), bool)
-    at = np.searchsorted(sorted_ids, query).clip(max=len(sorted_ids) - 1)
-    return at, sorted_ids[at] == query
-
-
-class KnownIds:
-    """Ids a writer must not store again, as sorted numpy columns (8 bytes per int id).
-
-    Parts of decreasing size, merged like a binary counter: at most log2(n) parts to search.
-    """
-
-    def __init__(self, sorted_ids: np.ndarray):
-        self.parts = [sorted_ids]
-
-    def contains(self, column: np.ndarray) -> np.ndarray:
-        return np.logical_or.reduce([lookup(part, column)[1] for part in self.parts])
-
-    def add(self, column: np.ndarray) -> None:
-        part = np.sort(column)
-        while self.parts and len(self.parts[-1]) <= len(part):
-            part = np.sort(np.concatenate([self.parts.pop(), part]))
-        self.parts.append(part)
+def _check_writer(writer: Any) -> None:
+    if not isinstance(writer, int) or isinstance(writer, bool) or writer < 0:
+        raise ValueError(f"writer must be a non-negative int (e.g. the rank), got {writer!r}")
 
 
 def _version() -> str:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .errors import DuplicateIdError, listed
-from .layout import Root, marker_key, wait
+from .layout import Root, wait
 from .schema import StoreSchema, numpy_to_tensor
 from .writer import shard_arrays
 
@@ -30,12 +30,13 @@ class Snapshot:
         self.offsets = np.cumsum([0] + [n for _, n in self.counts])
         self._arrays: dict[int, dict] = {}
         self._index: tuple[np.ndarray, np.ndarray] | None = None
+        self._repeated: np.ndarray | None = None
 
     @classmethod
     def take(cls, root: Root, schema: StoreSchema) -> Snapshot:
         writers = root.writers()
-        markers = root.read_jsons([marker_key(w) for w in writers])
-        counts = [(w, int(m["rows"])) for w, (m, _) in zip(writers, markers, strict=True) if m]
+        markers = root.read_markers(writers)
+        counts = [(w, m["rows"]) for w, (m, _) in zip(writers, markers, strict=True) if m]
         return cls(root, schema, counts)
 
     def __len__(self) -> int:
@@ -92,21 +93,50 @@ class Snapshot:
         return np.concatenate(parts) if parts else self.schema.id_column(np.zeros((0, 1), np.int64))
 
     def index(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(sorted ids, their positions)``; an id stored twice raises DuplicateIdError."""
+        """``(sorted ids, their positions)``; ids stored twice appear twice (:meth:`repeated`)."""
         if self._index is None:
             ids = self.all_ids()
             order = np.argsort(ids, kind="stable")
             ordered = ids[order]
+            del ids
             repeated = ordered[1:][ordered[1:] == ordered[:-1]]
             if len(repeated):  # np.unique only then: its first call imports numpy.ma (≈0.1 s)
                 repeated = np.unique(repeated)
-                raise DuplicateIdError(
-                    f"data ids stored more than once in {self.root.url} (two writers logged "
-                    f"them): {listed(self.schema.id_keys(repeated))}",
-                    self.schema.id_keys(repeated),
-                )
-            self._index = (ordered, order)
+            self._index, self._repeated = (ordered, order), repeated
         return self._index
+
+    def repeated(self) -> np.ndarray:
+        """Ids stored more than once (by two writers), as a sorted id column."""
+        self.index()
+        return self._repeated
+
+    def unique_ids(self) -> np.ndarray:
+        """Sorted id column of the committed ids, each once."""
+        ordered = self.index()[0]
+        if len(self._repeated) == 0:
+            return ordered
+        return ordered[np.concatenate([[True], ordered[1:] != ordered[:-1]])]
+
+    def duplicate_error(self, repeated: np.ndarray, what: str) -> DuplicateIdError:
+        """A :class:`DuplicateIdError` naming ``repeated`` ids, their writers and the repair."""
+        ordered, order = self.index()
+        begin = ordered.searchsorted(repeated[:10])
+        end = ordered.searchsorted(repeated[:10], side="right")
+        writers = sorted(  # the writers whose shards hold the first ten repeated ids
+            {
+                self.counts[s][0]
+                for a, b in zip(begin, end, strict=True)
+                for s in np.searchsorted(self.offsets, order[a:b], side="right") - 1
+            }
+        )
+        keys = self.schema.id_keys(repeated)
+        return DuplicateIdError(
+            f"{what}: data ids stored more than once in {self.root.url}, by writers {writers}: "
+            f"{listed(keys)}. Scoring would count them twice. Repair: copy the store keeping "
+            "one row per id (LogStore.create(new_url, store.schema, on_duplicate='skip') and "
+            "append every (ids, rows) of store.iter_chunks()), then use the copy",
+            keys,
+        )
 
     def chunks(
         self,

@@ -20,6 +20,7 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dty
 CODECS = ("zstd", "blosc", "none")
 TARGET_CHUNK_BYTES = 16 << 20  # one chunk of rows across all layers
 MAX_CHUNK_ROWS = 1 << 16
+MAX_CHUNK_BYTES = 1 << 30  # one array's chunk; crafted sizes beyond are refused, not allocated
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, list[int]]:
@@ -89,6 +90,12 @@ class StoreSchema:
         chunk_rows = _auto_chunk_rows(row_bytes) if self.chunk_rows is None else self.chunk_rows
         if int(chunk_rows) < 1:
             raise SchemaError(f"chunk_rows must be positive, got {chunk_rows}")
+        widest = max(max(sizes.values()) * self.dtype.itemsize, 8, self.id_bytes)
+        if int(chunk_rows) * widest > MAX_CHUNK_BYTES:
+            raise SchemaError(
+                f"a chunk of {chunk_rows} rows of {widest} bytes exceeds {MAX_CHUNK_BYTES} "
+                "bytes: lower chunk_rows (or the row size)"
+            )
         set_ = object.__setattr__
         set_(self, "layers", layers)
         set_(self, "spec", _json_copy(self.spec, "spec"))

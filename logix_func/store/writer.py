@@ -3,22 +3,23 @@ and the commit marker moves forward once every array's chunk is durable."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections import deque
 
 import numpy as np
 
+from . import lock
 from .errors import WriterConflictError
-from .layout import Root, array_metadata, marker_key, shard_path, wait
+from .layout import Root, array_metadata, marker, marker_key, shard_path, wait
 from .schema import DTYPE_NAMES, StoreSchema
 
 
 def shard_arrays(root: Root, schema: StoreSchema, writer: int, create: bool) -> dict:
     """``{"ids": array, "layers/<name>": array}`` of one shard (created when ``create``)."""
 
-    def meta(size: int, data_type: str, itemsize: int) -> dict | None:
-        if not create:
-            return None
+    def meta(size: int, data_type: str, itemsize: int) -> dict:
         return array_metadata(size, data_type, schema.chunk_rows, schema.codec, itemsize)
 
     id_meta = meta(1, "int64", 8) if schema.ids == "int" else meta(schema.id_bytes, "uint8", 1)
@@ -26,23 +27,46 @@ def shard_arrays(root: Root, schema: StoreSchema, writer: int, create: bool) -> 
     for name, size in schema.row_sizes.items():
         layer_meta = meta(size, DTYPE_NAMES[schema.dtype], schema.dtype.itemsize)
         paths[f"layers/{name}"] = (shard_path(writer, name), layer_meta)
-    opened = root.arrays({path: m for path, m in paths.values()})
+    opened = root.arrays({path: m for path, m in paths.values()}, create)
     return {key: opened[path] for key, (path, _) in paths.items()}
 
 
 class ShardWriter:
-    """Appends to shard ``writer``; at most ``max_inflight`` chunk writes are pending at once."""
+    """Appends to shard ``writer``; at most ``max_inflight`` chunk writes are pending at once.
+
+    Holds the writer id (see ``lock.py``) from before its first write until :meth:`release`.
+    """
 
     def __init__(self, root: Root, schema: StoreSchema, writer: int, max_inflight: int):
         self.root, self.schema, self.writer = root, schema, writer
         self.max_inflight = max_inflight
         self.key = marker_key(writer)
-        self.owner = uuid.uuid4().hex
-        marker, generation = root.read_json(self.key)
-        self.committed = 0 if marker is None else int(marker["rows"])
+        self.owner = f"{lock.holder_name()}/{uuid.uuid4().hex}"
+        self.guard = threading.Lock()  # marker writes: this thread and the lease renewal
+        self.marker = self.lock = self.renewal = None
+        self.expires = self.valid_until = float("inf")  # lease of the pending, last marker
+        if root.local is not None:
+            self.lock = lock.FileLock(root, writer)  # refuses a writer id in use
+        try:
+            self._claim()
+        except BaseException:
+            self.release()
+            raise
+
+    def _claim(self) -> None:
+        """Take the shard over (its marker, then its arrays) and reload its last partial chunk."""
+        root, schema, writer = self.root, self.schema, self.writer
+        old, generation = root.read_markers([writer])[0]
+        if self.lock is None:
+            lock.check_lease(old, writer, root.url)
+        self.committed = 0 if old is None else old["rows"]
         self.generation = generation
         self.marker = self._write_marker(self.committed)
-        self._check_marker()  # claims the shard: fails if another process claimed it meanwhile
+        self._check_marker()  # fails if another process claimed the shard meanwhile
+        if self.lock is None:
+            self.renewal = lock.Renewal(self)
+        else:
+            root.remove_temp_files(writer)
         self.arrays = shard_arrays(root, schema, writer, create=True)
         rows = schema.chunk_rows
         self.start = self.committed - self.committed % rows  # first row of the current chunk
@@ -54,6 +78,31 @@ class ShardWriter:
                 self.buffers[key][: self.fill] = part
         self.inflight: deque[tuple[int, list]] = deque()  # (rows once landed, write futures)
         self.landed = self.committed  # rows durable in the arrays
+
+    def renew(self) -> None:
+        """Extend the lease (a marker write with the same row count), unless released."""
+        with self.guard:
+            if self.renewal is None:
+                return
+            self._check_marker()
+            self.marker = self._write_marker(self.committed)
+            self._check_marker()
+
+    def release(self) -> None:
+        """Give the writer id up (after :meth:`flush`, or when giving up)."""
+        if self.renewal is not None:
+            self.renewal.stop.set()
+            self.renewal = None
+            try:  # end the lease now rather than at its expiry
+                with self.guard:
+                    self._check_marker()
+                    self.marker = self._write_marker(self.committed, lease=False)
+                    self._check_marker()
+            except WriterConflictError:
+                pass  # taken over already: nothing of ours to release
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def pending(self) -> bool:
         """Whether appended rows await a commit."""
@@ -88,9 +137,10 @@ class ShardWriter:
                 buffer[self.fill :] = 0
             self._submit(handover=False)
         self._drain(0)
-        self._check_marker()
-        self._commit()
-        self._check_marker()
+        with self.guard:
+            self._check_marker()
+            self._commit()
+            self._check_marker()
 
     def _submit(self, handover: bool) -> None:
         """Start writing the current chunk, always whole (rows past ``fill`` are uncommitted).
@@ -98,6 +148,8 @@ class ShardWriter:
         A full chunk's buffers are handed over to tensorstore (no copy, never touched again);
         a partial chunk is copied, as its buffers keep filling.
         """
+        if self.renewal is not None and self.valid_until < time.time() + lock.LEASE_SECONDS / 4:
+            self.renew()  # never write a chunk under a lease that may have lapsed
         end = self.start + self.schema.chunk_rows
         futures = [
             a[self.start : end]
@@ -116,9 +168,10 @@ class ShardWriter:
             for future in futures:
                 wait(future, f"writing rows of {self.root.url}")
             self.landed = end
-        if self.marker is None or self.marker.done():  # else commit later: never block on it
-            self._check_marker()
-            self._commit()
+        with self.guard:
+            if self.marker is None or self.marker.done():  # else commit later: never block
+                self._check_marker()
+                self._commit()
 
     def _commit(self) -> None:
         """Start moving the commit marker to the rows that have landed."""
@@ -126,11 +179,16 @@ class ShardWriter:
             self.marker = self._write_marker(self.landed)
             self.committed = self.landed
 
-    def _write_marker(self, rows: int):
-        return self.root.write_json(self.key, {"rows": rows, "owner": self.owner}, self.generation)
+    def _write_marker(self, rows: int, lease: bool = True):
+        expires = time.time() + lock.LEASE_SECONDS if lease and self.lock is None else None
+        self.expires = float("inf") if expires is None else expires
+        value = marker(rows, self.owner, expires)
+        return self.root.write_json(self.key, value, self.generation)
 
     def _check_marker(self) -> None:
         """Wait for the last marker write; it must have found the marker we wrote before."""
+        if self.renewal is not None and self.renewal.error is not None:
+            raise self.renewal.error
         if self.marker is None:
             return
         generation = wait(self.marker, f"committing rows of {self.root.url}").generation
@@ -138,6 +196,7 @@ class ShardWriter:
         if not generation:
             raise WriterConflictError(
                 f"writer {self.writer} of {self.root.url} is used by another process: its commit "
-                "marker changed under us; give every concurrent writer its own writer id"
+                "marker changed under us (rows appended since the last commit are not stored); "
+                "give every concurrent writer its own writer id"
             )
-        self.generation = generation
+        self.generation, self.valid_until = generation, self.expires
