@@ -69,7 +69,7 @@ def exact_curvature(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     check_params(model, params)
-    check_modes(model, "error")
+    check_modes(model, None)
     fixed, buffers = split_weights(model, params)
     base = {**fixed, **{n: p.detach() for n, p in params.items()}}
     names = _layer_params(model, spec, base)
@@ -93,7 +93,9 @@ def exact_curvature(
         c = (c + c.T) / 2
         values, vectors = eigh64(c) if kind == "ggn" else torch.linalg.eigh(c.double())
         factors[name] = {"C": c, "Q": vectors.to(dtype), "eigenvalues": values.to(dtype)}
-    return {"spec": spec_tag(spec), "layers": factors}
+    from ..origin import stamped
+
+    return stamped({"spec": spec_tag(spec), "layers": factors}, model, params, loss_fn)
 
 
 def _batches(data: Any) -> Iterable[Any]:
