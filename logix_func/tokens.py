@@ -44,9 +44,10 @@ def token_influence(
             return_activations=True)``: ``{layer: {"activations": [N, T', k_in],
             "backprops": [N, T', k_out], ...}}``, padded positions zero.
         preconditioner: ``grads -> H⁻¹ grads`` applied to the queries; ``None`` = identity.
-        query_provenance, train_provenance: what produced the query rows and the logs,
-            ``lf.provenance(model, params, spec)``: sides from different specs or weights
-            (these two and the preconditioner's factors) are refused.
+        query_provenance: what produced the query rows, ``lf.provenance(model, params,
+            spec)``: query rows, logs and the preconditioner's factors from different specs or
+            weights are refused.
+        train_provenance: what produced the logs, likewise.
 
     Returns:
         ``[Q, N, T]`` with ``T`` the sequence length: summed over ``T`` it is the
