@@ -266,6 +266,29 @@ def test_the_trainer_is_left_as_it_was(tmp_path):
     assert changed and all(torch.isfinite(p).all() for p in t.model.parameters())
 
 
+def test_default_store_is_keyed_by_the_weights_not_the_step(trainer, tmp_path):
+    """A fresh Trainer (step 0) on other weights gets its own store; a store of other weights
+    given explicitly is refused, and the trained trainer's rows stay as they were."""
+    options = AttributionArguments(rank=4, method="none", progress=False)
+    fresh = [transformers.Trainer(model=tiny_llama(), args=training_args(tmp_path / "o"))]
+    other = tiny_llama()
+    with torch.no_grad():
+        other.lm_head.weight += 0.1
+    fresh.append(
+        transformers.Trainer(model=other, args=training_args(tmp_path / "o"), train_dataset=TRAIN)
+    )
+    urls = [Attribution(t, options).store_url for t in fresh]
+    assert all(t.state.global_step == 0 for t in fresh) and urls[0] != urls[1]
+    assert urls[0] == f"{tmp_path}/o/attribution/weights-{lf.weights_fingerprint(tiny_llama())}"
+
+    url = str(tmp_path / "trained")
+    Attribution(trainer, AttributionArguments(**{**vars(options), "store": url})).extract_log()
+    mixed = AttributionArguments(**{**vars(options), "store": url})
+    with pytest.raises(ValueError, match="weights.*new store"):
+        Attribution(fresh[1], mixed).extract_log()
+    assert lf.LogStore.open(url).schema.weights == lf.weights_fingerprint(trainer.model)
+
+
 def test_unwrap_model_sees_through_wrappers():
     model = tiny_llama()
     assert unwrap_model(torch.nn.DataParallel(model)) is model
