@@ -171,6 +171,13 @@ def random_error(func: Any) -> ValueError:
     return ValueError(f"the forward draws random numbers ({name}){at}. {_DETERMINISTIC}")
 
 
+def no_randomness_error(err: RuntimeError) -> Exception:
+    """vmap's refusal of a random op, for callers without a randomness option; others unchanged."""
+    if "random operation" not in str(err):
+        return err
+    return ValueError(f"the forward draws random numbers{_user_line(err)}. {_DETERMINISTIC}")
+
+
 def vmap_error(err: RuntimeError) -> RuntimeError:
     """A clearer error for vmap's failures, naming the model's line; others come back unchanged."""
     msg = str(err).strip()

@@ -8,6 +8,7 @@ Both take a ``torch.distributed`` process group: each rank then handles the batc
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
@@ -170,7 +171,8 @@ def log_dataset(
         ):
             _log_batch(model, params, spec, store, batch, offset, ids, done, loss_fn, dtype)
     except Exception:
-        store.flush()  # the finished batches' rows are right: commit them, then report
+        with contextlib.suppress(Exception):  # the error to report is the first one
+            store.flush()  # the finished batches' rows are right: commit them
         raise
     store.flush()
     if group is not None:

@@ -114,6 +114,9 @@ def test_a_store_refuses_rows_of_other_weights_and_keeps_its_own(tmp_path):
             progress=False,
             loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="sum"),
         )
+    # a hand-written loop opening the store with a schema of other weights is refused too
+    with pytest.raises(lf.store.SchemaError, match=f"weights: store has '{store.schema.weights}'"):
+        lf.LogStore.create(url, lf.store_schema(model, spec, params=trained), exist_ok=True)
     # the same weights grow the store; its rows are those of the original weights
     grown = log_dataset(model, params, loader, spec, url, progress=False)
     assert len(lf.LogStore.open(url)) == 30
@@ -332,6 +335,7 @@ def test_random_ops_in_the_forward_are_refused_with_advice_that_works(tmp_path, 
         "projected_grads": lambda: lf.projected_grads(model, params, (x, y), spec),
         "capture": lambda: lf.capture(model, params, (x, y)),
         "fit_curvature": lambda: fit_curvature(model, params, loader, spec, progress=False),
+        "exact_curvature": lambda: lf.exact_curvature(model, params, (x, y), spec),
         "log_dataset": lambda: log_dataset(
             model, params, loader, spec, str(tmp_path / "s"), progress=False
         ),

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
-from ..checks import check_modes, check_params
+from ..checks import check_modes, check_params, no_randomness_error
 from ..grads import split_weights
 from .kfac import eigh64
 from .transform import spec_tag
@@ -82,7 +82,10 @@ def exact_curvature(
         mb = ModelBatch.from_batch(batch)
         loss_of = sample_loss(model, mb, loss_fn)
         for name, (move, z0) in movers.items():
-            block = _block(model, mb, loss_of, buffers, move, z0, kind, chunk_size)
+            try:
+                block = _block(model, mb, loss_of, buffers, move, z0, kind, chunk_size)
+            except RuntimeError as err:
+                raise no_randomness_error(err) from err
             sums[name] += block.to(dtype)
         samples += mb.size
     if samples == 0:
