@@ -8,6 +8,7 @@ it raises q's loss by ≈ k(q, t) / N). Scores are not divided by N.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import reduce
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .curvature import IdentityPreconditioner
 from .origin import Provenance, check_provenance, store_provenance
-from .store.layout import _context, codecs, kvstore_spec
+from .store.layout import ATTRS_NAME, GROUP_KEY, _context, codecs, kvstore_spec
 
 Rows = Mapping[str, Tensor]
 Mode = Literal["dot", "cosine", "l2", "relative"]
@@ -254,11 +255,21 @@ def _write_scores(
 
 
 def _check_empty(url: str) -> None:
-    """``out=`` targets must be empty: scores never replace data they did not create."""
+    """``out=`` targets must be empty and outside any store: scores never replace or mix
+    into data they did not create."""
     kv = kvstore_spec(url)
     path = kv.get("path", "").rstrip("/")
     if kv["driver"] == "file" and os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"out={url!r} is an existing file; choose a new path for the scores")
+    parts = path.split("/")
+    for i in range(len(parts) - 1, 0, -1):  # the folders above: none may be a store
+        above = {**kv, "path": "/".join(parts[:i]) + "/"}
+        group = ts.KvStore.open(above, context=_context(durable=True)).result()
+        found = group.read(GROUP_KEY).result()
+        if found.state == "value" and ATTRS_NAME in _attributes(found.value):
+            raise FileExistsError(
+                f"out={url!r} lies inside the store at {above['path']}: choose a URL outside it"
+            )
     keys = ts.KvStore.open(kv, context=_context(durable=True)).result().list().result()
     if keys:
         shown = ", ".join(k.decode() for k in sorted(keys)[:3])
@@ -267,6 +278,15 @@ def _check_empty(url: str) -> None:
             "never deletes data it did not create. Choose a new URL for the scores (e.g. a new "
             "folder per run), or delete that one yourself if it is old scores"
         )
+
+
+def _attributes(zarr_json: bytes) -> dict:
+    """The attributes of a zarr.json (empty for anything else)."""
+    try:
+        node = json.loads(zarr_json)
+    except ValueError:
+        return {}
+    return node.get("attributes", {}) if isinstance(node, dict) else {}
 
 
 def self_influence(

@@ -51,8 +51,8 @@ def test_influence_out_refuses_a_non_empty_target_and_never_the_store(tmp_path):
     )
     (run / "model.pt").write_bytes(b"weights")
     query = lf.projected_grads(model, params, (x[:2], y[:2]), spec)
-    for target in (run, run / "train", run / "model.pt"):
-        with pytest.raises(FileExistsError, match="never deletes data|existing file"):
+    for target in (run, run / "train", run / "model.pt", run / "train" / "scores"):
+        with pytest.raises(FileExistsError, match="never deletes data|existing file|inside"):
             lf.influence(query, store, out=str(target))
     assert (run / "model.pt").read_bytes() == b"weights"
     reopened = lf.LogStore.open(str(run / "train"))
