@@ -197,7 +197,9 @@ def influence(
         out: a local path or tensorstore URL: write the scores there chunk by chunk (a float32
             zarr3 array ``[Q, N]``, columns in the order of ``train``'s rows, e.g.
             ``store.ids()``) instead of holding them in memory; returns the opened array.
-            The URL must hold nothing yet: existing data is never replaced.
+            The URL must hold nothing yet: existing data is never replaced. The array's
+            attributes record the mode and the provenance of the query, the store and the
+            preconditioner (``attributes["logix_func"]["scores"]``).
         query_provenance: what produced the query rows, ``lf.provenance(model, params, spec,
             loss_fn=...)``: checked against the store's and the preconditioner's spec and
             weights. A store and a preconditioner are always checked against each other.
@@ -215,7 +217,15 @@ def influence(
     if out is not None:
         if per_layer:
             raise ValueError("out= writes total scores; per_layer results are returned in memory")
-        return _write_scores(out, stream, _num_rows(query), _num_rows(train), chunk_rows)
+        origin = {
+            "mode": mode,
+            "query": query_provenance,
+            "train": store_provenance(train) if hasattr(train, "schema") else None,
+            "train_url": getattr(train, "url", None),
+            "preconditioner": getattr(preconditioner, "provenance", None),
+        }
+        rows = (_num_rows(query), _num_rows(train))
+        return _write_scores(out, stream, *rows, chunk_rows, origin)
     parts = list(stream)
     if per_layer:
         return {k: torch.cat([s[k] for _, s in parts], 1) for k in parts[0][1]}
@@ -223,9 +233,15 @@ def influence(
 
 
 def _write_scores(
-    url: str, stream: Iterator[tuple[Any, Tensor]], queries: int, total: int, chunk_rows: int
+    url: str,
+    stream: Iterator[tuple[Any, Tensor]],
+    queries: int,
+    total: int,
+    chunk_rows: int,
+    origin: dict[str, Any],
 ) -> ts.TensorStore:
-    """Write ``[Q, n]`` score chunks into a new float32 zarr3 array ``[Q, N]`` at ``url``."""
+    """Write ``[Q, n]`` score chunks into a new float32 zarr3 array ``[Q, N]`` at ``url``,
+    whose attributes record ``origin`` (what produced the scores)."""
     _check_empty(url)
     spec = {
         "driver": "zarr3",
@@ -238,6 +254,7 @@ def _write_scores(
             },
             "data_type": "float32",
             "codecs": codecs("none", 4),
+            "attributes": {ATTRS_NAME: {"scores": origin, "version": _version()}},
         },
         "create": True,
     }
@@ -278,6 +295,12 @@ def _check_empty(url: str) -> None:
             "never deletes data it did not create. Choose a new URL for the scores (e.g. a new "
             "folder per run), or delete that one yourself if it is old scores"
         )
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _attributes(zarr_json: bytes) -> dict:

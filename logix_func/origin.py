@@ -114,11 +114,7 @@ def factors_provenance(factors: Mapping[str, Any]) -> Provenance:
 def store_provenance(store: Any) -> Provenance:
     """The provenance a LogStore's schema records (entries ``None`` for older stores)."""
     schema = store.schema
-    return {
-        "spec": spec_hex(schema.spec),
-        "weights": getattr(schema, "weights", None),
-        "loss": getattr(schema, "loss", None),
-    }
+    return {"spec": spec_hex(schema.spec), "weights": schema.weights, "loss": schema.loss}
 
 
 def check_provenance(sides: Mapping[str, Provenance | None]) -> None:

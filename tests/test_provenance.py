@@ -63,6 +63,9 @@ def test_influence_out_refuses_a_non_empty_target_and_never_the_store(tmp_path):
     torch.testing.assert_close(
         torch.from_numpy(written.read().result()), lf.influence(query, store)
     )
+    recorded = written.spec().to_json()["metadata"]["attributes"]["logix_func"]["scores"]
+    assert recorded["train"]["weights"] == store.schema.weights
+    assert recorded["train_url"] == store.url and recorded["mode"] == "dot"
 
 
 # 2. provenance

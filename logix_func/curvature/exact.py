@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
 from ..checks import check_modes, check_params, no_randomness_error
 from ..grads import split_weights
+from ..origin import stamped
 from .kfac import eigh64
 from .transform import spec_tag
 
@@ -96,8 +97,6 @@ def exact_curvature(
         c = (c + c.T) / 2
         values, vectors = eigh64(c) if kind == "ggn" else torch.linalg.eigh(c.double())
         factors[name] = {"C": c, "Q": vectors.to(dtype), "eigenvalues": values.to(dtype)}
-    from ..origin import stamped
-
     return stamped({"spec": spec_tag(spec), "layers": factors}, model, params, loss_fn)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
+from ..origin import factors_provenance
 from .transform import check_layers
 
 Grads = dict[str, Float[Tensor, "*batch k_out k_in"]]
@@ -26,8 +27,6 @@ class Preconditioner:
     """
 
     def __init__(self, factors: Mapping[str, Any], damping: float | Mapping[str, float] | None):
-        from ..origin import factors_provenance
-
         self.spec = factors["spec"]
         self.layers = factors["layers"]
         self.provenance = factors_provenance(factors)
