@@ -38,7 +38,9 @@ IdsFn = Callable[[Any, int], Tensor | list]
 
 
 def position_ids(batch: Any, offset: int) -> Tensor:
-    """Data ids = positions in the loader's order (needs a loader without shuffling)."""
+    """Data ids = positions in the loader's order: ``log_dataset(..., ids=position_ids)`` for an
+    unshuffled iterable of batches such as a list (the default ids need a DataLoader). Logging
+    a second iterable into the same store needs other ids: its positions repeat."""
     return torch.arange(offset, offset + ModelBatch.from_batch(batch).size)
 
 
