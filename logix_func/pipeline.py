@@ -210,7 +210,8 @@ def _indexed(loader: Iterable[Any]) -> Iterable[tuple[Tensor, Any]]:
     if indexed is None:
         raise ValueError(
             f"log_dataset cannot tell which examples a {type(loader).__name__} yields: default "
-            "ids need a torch DataLoader over a map-style dataset (ids = dataset indices). "
+            "ids need a torch DataLoader over a map-style dataset with a batch size (ids = dataset "
+            "indices). "
             "Pass ids=, e.g. ids=lambda batch, offset: lf.content_ids(batch[0]) (a hash of "
             "each example), or a dataset index you carry in the batch (lf.IndexedDataset)"
         )
