@@ -349,7 +349,7 @@ def test_random_ops_in_the_forward_are_refused_with_advice_that_works(tmp_path, 
         assert "randomness=" not in str(err.value) and "test_provenance.py" in str(err.value), name
 
 
-def test_a_deterministic_forward_passes_and_compiled_calls_refuse_draws():
+def test_a_deterministic_forward_passes_and_compiled_or_vmapped_calls_refuse_draws():
     x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
     model = RandomForward("eval_dropout").eval()
     params, spec = dict(model.named_parameters()), lf.logra(model, rank=3)
@@ -363,3 +363,9 @@ def test_a_deterministic_forward_passes_and_compiled_calls_refuse_draws():
     )
     with pytest.raises(Exception, match="draws random numbers"):
         compiled((x, y))
+    drawing_params = dict(drawing.named_parameters())
+    batched = torch.func.vmap(
+        lambda xb, yb: lf.projected_grads(drawing, drawing_params, (xb, yb), spec)
+    )
+    with pytest.raises(ValueError, match="draws random numbers"):  # inside a torch.func transform
+        batched(x.reshape(2, 4, 6), y.reshape(2, 4))
