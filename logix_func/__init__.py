@@ -30,6 +30,7 @@ from .ids import DuplicateIdError, IndexedDataset, check_unique, content_ids, in
 from .influence import TopK, influence, influence_chunks, self_influence, top_k
 from .layers import LayerSpec
 from .metrics import lds, loo_correlation, pearson, spearman
+from .origin import provenance, weights_fingerprint
 from .pipeline import fit_curvature, log_dataset, store_schema
 from .projected import projected_grads
 from .projection import ProjectionSpec, logra
@@ -80,6 +81,7 @@ __all__ = [
     "per_sample_grads",
     "preconditioner",
     "projected_grads",
+    "provenance",
     "rank_batches",
     "raw",
     "running_covariance",
@@ -96,4 +98,5 @@ __all__ = [
     "top_k",
     "unflatten_capture",
     "watch",
+    "weights_fingerprint",
 ]

@@ -3,7 +3,9 @@
 Trains the reference MLP (cached), logs LoGra-projected per-sample gradients of the whole
 training set to a store, fits the curvature, scores test images, prints their top proponents
 and opponents, and saves a picture of them. Every stage resumes: a rerun reuses what the run
-folder already holds.
+folder already holds for the same options. The cached model is keyed by ``--seed``, the store
+and factors by the weights fingerprint and the projection spec (and the factors by the
+preconditioner, Fisher and batch size), so changed options never reuse stale ones.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .curvature import load_state, preconditioner, save_state
 from .digits import digits_split, mlp_model, train_mlp
 from .influence import TopK, influence, top_k
+from .origin import provenance, spec_hex, weights_fingerprint
 from .pipeline import fit_curvature, log_dataset
 from .projected import projected_grads
 from .projection import logra
@@ -81,20 +84,25 @@ def main(argv: list[str] | None = None) -> None:
     run = args.run.rstrip("/")
     data = digits_split(torch.float32)
     model = mlp_model(dtype=torch.float32).eval()
-    params = _cached(f"{run}/model.pt", lambda: train_mlp(data.train_x, data.train_y, args.seed))
+    params = _cached(
+        f"{run}/model-seed{args.seed}.pt", lambda: train_mlp(data.train_x, data.train_y, args.seed)
+    )
     params = {k: v.to(torch.float32) for k, v in params.items()}
     accuracy = torch.func.functional_call(model, params, (data.test_x,)).argmax(1) == data.test_y
     print(f"model: MLP 64-32-10, test accuracy {accuracy.float().mean():.3f}")
 
     spec = logra(model, rank=args.rank or None, seed=args.seed)
+    # what the rows and factors depend on: the weights and the projection
+    key = f"{weights_fingerprint(model, params)}-{spec_hex(spec)}"
     loader = DataLoader(TensorDataset(data.train_x, data.train_y), batch_size=args.batch_size)
-    store = log_dataset(model, params, loader, spec, f"{run}/train", progress=progress)
+    store = log_dataset(model, params, loader, spec, f"{run}/train-{key}", progress=progress)
     print(f"store: {len(store)} training rows at {store.url}")
 
     if args.preconditioner == "identity":
         pre = preconditioner(None)
     else:
-        name = f"{run}/{args.preconditioner}-{args.fisher}.pt"
+        # the true Fisher's labels are drawn per batch: the batch size changes the factors
+        name = f"{run}/{args.preconditioner}-{args.fisher}-b{args.batch_size}-{key}.pt"
         factors = _cached(
             name,
             lambda: fit_curvature(
@@ -112,7 +120,13 @@ def main(argv: list[str] | None = None) -> None:
 
     queries = torch.tensor(args.queries)
     query_rows = projected_grads(model, params, (data.test_x[queries], data.test_y[queries]), spec)
-    scores = influence(query_rows, store, preconditioner=pre, progress=progress)
+    scores = influence(
+        query_rows,
+        store,
+        preconditioner=pre,
+        progress=progress,
+        query_provenance=provenance(model, params, spec),
+    )
     ids = store.ids()
     helps = top_k(scores, args.top, ids=ids)
     hurts = top_k(scores, args.top, ids=ids, largest=False)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Subset
 
 _CONTENT_TAG = b"lf.content.v1"
 _STRING_TAG = b"lf.string.v1"
@@ -113,6 +113,63 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, Any]:
         return index, self.dataset[index]
+
+
+class _IndexCollate:
+    """Collates ``(index, item)`` pairs into ``(ids int64 [B], collate(items))``; ``ids`` are
+    ``table[index]`` when a table is given."""
+
+    def __init__(self, collate: Any, table: Tensor | None):
+        self.collate, self.table = collate, table
+
+    def __call__(self, pairs: list[tuple[int, Any]]) -> tuple[Tensor, Any]:
+        index = torch.tensor([i for i, _ in pairs], dtype=torch.int64)
+        ids = index if self.table is None else self.table[index]
+        return ids, self.collate([item for _, item in pairs])
+
+
+def _root_table(dataset: Dataset) -> Tensor | None:
+    """``table[i]``: index ``i`` of ``dataset`` as an index into the dataset under its
+    ``Subset`` wrappers (so the splits of one dataset share one id space); None if unwrapped."""
+    if not isinstance(dataset, Subset):
+        return None
+    table = torch.arange(len(dataset))
+    while isinstance(dataset, Subset):
+        table = torch.as_tensor(dataset.indices, dtype=torch.int64)[table]
+        dataset = dataset.dataset
+    return table
+
+
+def indexed_loader(loader: Any) -> DataLoader | None:
+    """A copy of ``loader`` that yields ``(ids int64 [B], batch)``: ``ids`` are the dataset
+    indices its sampler picked (through ``Subset`` wrappers), right under any shuffling.
+
+    The copy keeps the sampler, collate function and workers; a standard ``BatchSampler``
+    loses ``drop_last`` so that every example comes out. ``None`` when ``loader`` is not a
+    ``DataLoader`` over a map-style dataset with automatic batching (its ids are unknown).
+    """
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return None
+    batches = loader.batch_sampler
+    if batches is None:
+        return None
+    if type(batches) is BatchSampler and batches.drop_last:
+        batches = BatchSampler(batches.sampler, batches.batch_size, drop_last=False)
+    workers = loader.num_workers
+    return DataLoader(
+        IndexedDataset(loader.dataset),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_IndexCollate(loader.collate_fn, _root_table(loader.dataset)),
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context if workers else None,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor if workers else None,
+        persistent_workers=loader.persistent_workers,
+        pin_memory_device=loader.pin_memory_device,
+    )
 
 
 class DuplicateIdError(ValueError):

@@ -8,6 +8,8 @@ it raises q's loss by ≈ k(q, t) / N). Scores are not divided by N.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import reduce
 from typing import Any, Literal, NamedTuple
@@ -19,7 +21,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .curvature import IdentityPreconditioner
-from .store.layout import _context, codecs, kvstore_spec
+from .origin import Provenance, check_provenance, store_provenance
+from .store.layout import ATTRS_NAME, GROUP_KEY, _context, codecs, kvstore_spec
 
 Rows = Mapping[str, Tensor]
 Mode = Literal["dot", "cosine", "l2", "relative"]
@@ -76,6 +79,25 @@ def _check_compatible(query: Rows, train: Any) -> None:
             )
 
 
+def check_sources(
+    query: Provenance | None, train: Any, preconditioner: Any, what: str = "training rows"
+) -> None:
+    """Refuse query rows, training rows (a store records its provenance) and a preconditioner
+    (its factors' provenance) that come from different specs or weights, naming both sides."""
+    if query is not None and not (
+        isinstance(query, Mapping) and set(query) <= {"spec", "weights", "loss"}
+    ):
+        raise TypeError(
+            "query_provenance must be a provenance dict, lf.provenance(model, params, spec), "
+            f"got {query!r}"
+        )
+    sides: dict[str, Provenance | None] = {"the query rows": query}
+    if getattr(train, "schema", None) is not None:
+        sides[f"the {what} of the store at {train.url}"] = store_provenance(train)
+    sides["the preconditioner's curvature factors"] = getattr(preconditioner, "provenance", None)
+    check_provenance(sides)
+
+
 def _check_finite(chunk: Chunk, what: str = "training") -> None:
     for name, v in chunk.rows.items():
         bad = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
@@ -112,12 +134,14 @@ def influence_chunks(
     chunk_rows: int = 4096,
     per_layer: bool = False,
     progress: bool | None = None,
+    query_provenance: Provenance | None = None,
 ) -> Iterator[tuple[Any, Tensor | dict[str, Tensor]]]:
     """Yield ``(ids [n], scores [Q, n])`` per chunk (``{layer: [Q, n]}`` with ``per_layer``)."""
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if per_layer and mode != "dot":
         raise ValueError("per_layer scores sum to the total only in mode 'dot'")
+    check_sources(query_provenance, train, preconditioner)
     _check_compatible(query, train)
     total = _num_rows(train)
     if total == 0:
@@ -159,6 +183,7 @@ def influence(
     per_layer: bool = False,
     progress: bool | None = None,
     out: str | None = None,
+    query_provenance: Provenance | None = None,
 ) -> Float[Tensor, "queries train"] | dict[str, Float[Tensor, "queries train"]] | ts.TensorStore:
     """Scores ``[Q, N]`` of every training row for every query row.
 
@@ -174,6 +199,12 @@ def influence(
         out: a local path or tensorstore URL: write the scores there chunk by chunk (a float32
             zarr3 array ``[Q, N]``, columns in the order of ``train``'s rows, e.g.
             ``store.ids()``) instead of holding them in memory; returns the opened array.
+            The URL must hold nothing yet: existing data is never replaced. The array's
+            attributes record the mode and the provenance of the query, the store and the
+            preconditioner (``attributes["logix_func"]["scores"]``).
+        query_provenance: what produced the query rows, ``lf.provenance(model, params, spec,
+            loss_fn=...)``: checked against the store's and the preconditioner's spec and
+            weights. A store and a preconditioner are always checked against each other.
     """
     stream = influence_chunks(
         query,
@@ -183,11 +214,20 @@ def influence(
         chunk_rows=chunk_rows,
         per_layer=per_layer,
         progress=progress,
+        query_provenance=query_provenance,
     )
     if out is not None:
         if per_layer:
             raise ValueError("out= writes total scores; per_layer results are returned in memory")
-        return _write_scores(out, stream, _num_rows(query), _num_rows(train), chunk_rows)
+        origin = {
+            "mode": mode,
+            "query": query_provenance,
+            "train": store_provenance(train) if hasattr(train, "schema") else None,
+            "train_url": getattr(train, "url", None),
+            "preconditioner": getattr(preconditioner, "provenance", None),
+        }
+        rows = (_num_rows(query), _num_rows(train))
+        return _write_scores(out, stream, *rows, chunk_rows, origin)
     parts = list(stream)
     if per_layer:
         return {k: torch.cat([s[k] for _, s in parts], 1) for k in parts[0][1]}
@@ -195,9 +235,16 @@ def influence(
 
 
 def _write_scores(
-    url: str, stream: Iterator[tuple[Any, Tensor]], queries: int, total: int, chunk_rows: int
+    url: str,
+    stream: Iterator[tuple[Any, Tensor]],
+    queries: int,
+    total: int,
+    chunk_rows: int,
+    origin: dict[str, Any],
 ) -> ts.TensorStore:
-    """Write ``[Q, n]`` score chunks into a new float32 zarr3 array ``[Q, N]`` at ``url``."""
+    """Write ``[Q, n]`` score chunks into a new float32 zarr3 array ``[Q, N]`` at ``url``,
+    whose attributes record ``origin`` (what produced the scores)."""
+    _check_empty(url)
     spec = {
         "driver": "zarr3",
         "kvstore": kvstore_spec(url),
@@ -209,9 +256,9 @@ def _write_scores(
             },
             "data_type": "float32",
             "codecs": codecs("none", 4),
+            "attributes": {ATTRS_NAME: {"scores": origin, "version": _version()}},
         },
         "create": True,
-        "delete_existing": True,
     }
     array = ts.open(spec, context=_context(durable=True)).result()
     start, pending = 0, []
@@ -226,6 +273,47 @@ def _write_scores(
     return array
 
 
+def _check_empty(url: str) -> None:
+    """``out=`` targets must be empty and outside any store: scores never replace or mix
+    into data they did not create."""
+    kv = kvstore_spec(url)
+    path = kv.get("path", "").rstrip("/")
+    if kv["driver"] == "file" and os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"out={url!r} is an existing file; choose a new path for the scores")
+    parts = path.split("/")
+    for i in range(len(parts) - 1, 0, -1):  # the folders above: none may be a store
+        above = {**kv, "path": "/".join(parts[:i]) + "/"}
+        group = ts.KvStore.open(above, context=_context(durable=True)).result()
+        found = group.read(GROUP_KEY).result()
+        if found.state == "value" and ATTRS_NAME in _attributes(found.value):
+            raise FileExistsError(
+                f"out={url!r} lies inside the store at {above['path']}: choose a URL outside it"
+            )
+    keys = ts.KvStore.open(kv, context=_context(durable=True)).result().list().result()
+    if keys:
+        shown = ", ".join(k.decode() for k in sorted(keys)[:3])
+        raise FileExistsError(
+            f"out={url!r} already holds data ({len(keys)} key(s), e.g. {shown}): influence "
+            "never deletes data it did not create. Choose a new URL for the scores (e.g. a new "
+            "folder per run), or delete that one yourself if it is old scores"
+        )
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _attributes(zarr_json: bytes) -> dict:
+    """The attributes of a zarr.json (empty for anything else)."""
+    try:
+        node = json.loads(zarr_json)
+    except ValueError:
+        return {}
+    return node.get("attributes", {}) if isinstance(node, dict) else {}
+
+
 def self_influence(
     train: Any,
     *,
@@ -233,7 +321,9 @@ def self_influence(
     chunk_rows: int = 4096,
     progress: bool | None = None,
 ) -> Float[Tensor, " train"]:
-    """``k(t, t)`` for every training row: ``[N]``, streamed chunk by chunk."""
+    """``k(t, t)`` for every training row: ``[N]``, streamed chunk by chunk (a store and the
+    preconditioner must come from the same spec and weights)."""
+    check_sources(None, train, preconditioner)
     pre = preconditioner or IdentityPreconditioner()
     total = _num_rows(train)
     if total == 0:
@@ -277,6 +367,14 @@ def top_k(
     seen: list = []
     offset = 0
     for chunk_ids, chunk in stream:
+        nan = torch.isnan(chunk)
+        if nan.any():
+            q, col = nan.nonzero()[0].tolist()
+            raise ValueError(
+                f"top_k got NaN scores (query {q}, training row {offset + col}): a NaN has no "
+                "rank. Find the rows that produce it (influence refuses non-finite rows) "
+                "before ranking"
+            )
         pos = torch.arange(offset, offset + chunk.shape[1]).expand(chunk.shape[0], -1)
         offset += chunk.shape[1]
         seen.append(chunk_ids)

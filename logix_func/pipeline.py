@@ -8,6 +8,7 @@ Both take a ``torch.distributed`` process group: each rank then handles the batc
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
@@ -28,14 +29,18 @@ from .distributed import (
     rank_batches,
     rank_world,
 )
+from .ids import indexed_loader
+from .origin import loss_name, stamped, weights_fingerprint
 from .projected import projected_grads
-from .store import LogStore, StoreSchema, model_fingerprint
+from .store import LogStore, NotAStoreError, StoreSchema, model_fingerprint
 
 IdsFn = Callable[[Any, int], Tensor | list]
 
 
 def position_ids(batch: Any, offset: int) -> Tensor:
-    """Data ids = positions in the loader's order (needs a loader without shuffling)."""
+    """Data ids = positions in the loader's order: ``log_dataset(..., ids=position_ids)`` for an
+    unshuffled iterable of batches such as a list (the default ids need a DataLoader). Logging
+    a second iterable into the same store needs other ids: its positions repeat."""
     return torch.arange(offset, offset + ModelBatch.from_batch(batch).size)
 
 
@@ -55,9 +60,13 @@ def store_schema(
     dtype: torch.dtype = torch.float32,
     *,
     captures: Mapping[str, Mapping[str, Tensor]] | None = None,
+    params: Mapping[str, Tensor] | None = None,
+    loss_fn: Any = None,
 ) -> StoreSchema:
-    """The schema of a store of ``spec``'s projected gradients of ``model``, and of the entries
-    ``"name.kind"`` of ``captures`` (an example :func:`~logix_func.capturing.capture` result)."""
+    """The schema of a store of ``spec``'s projected gradients of ``model`` (with ``params``
+    over its own weights, and ``loss_fn``), and of the entries ``"name.kind"`` of ``captures``
+    (an example :func:`~logix_func.capturing.capture` result). It records the spec, the
+    weights fingerprint and the loss name: rows of other weights are refused."""
     layers = layer_dims(spec)
     if captures is not None:
         extra = capture_shapes(captures)
@@ -66,8 +75,51 @@ def store_schema(
             raise ValueError(f"captured entries {clash} have the names of gradient layers")
         layers = {**layers, **extra}
     return StoreSchema(
-        layers=layers, dtype=dtype, spec=spec.to_dict(), fingerprint=model_fingerprint(model)
+        layers=layers,
+        dtype=dtype,
+        spec=spec.to_dict(),
+        fingerprint=model_fingerprint(model),
+        weights=weights_fingerprint(model, params),
+        loss=loss_name(loss_fn),
     )
+
+
+def check_store(store: LogStore, schema: StoreSchema) -> None:
+    """``store`` must hold rows of ``schema``'s spec, weights and loss, to take more of them."""
+    theirs, ours = store.schema, schema
+    if theirs.spec != ours.spec:
+        raise ValueError(
+            f"the store at {store.url} was written with another projection spec; "
+            "log to a new store or use the spec it records (ProjectionSpec.from_dict)"
+        )
+    if theirs.weights != ours.weights:
+        found = (
+            f"weights {theirs.weights}"
+            if theirs.weights
+            else "no weights fingerprint (it was written before stores recorded one)"
+        )
+        raise ValueError(
+            f"the store at {store.url} holds rows of {found}, these are weights "
+            f"{ours.weights}: rows of other weights cannot share a store (their scores would "
+            "be mixed silently). Log to a new store, e.g. one keyed by the fingerprint: "
+            f"f'runs/train-{{lf.weights_fingerprint(model, params)}}'"
+        )
+    if theirs.loss != ours.loss:
+        raise ValueError(
+            f"the store at {store.url} holds gradients of loss {theirs.loss!r}, these are of "
+            f"{ours.loss!r}: log them to a new store"
+        )
+
+
+def open_store(url: str, schema: StoreSchema, rank: int) -> LogStore:
+    """The store at ``url`` (created with ``schema`` if absent), checked, open as ``rank``."""
+    try:
+        existing = LogStore.open(url)
+    except NotAStoreError:
+        existing = None
+    if existing is not None:
+        check_store(existing, schema)
+    return LogStore.create(url, schema, writer=rank, exist_ok=True)
 
 
 def log_dataset(
@@ -78,18 +130,25 @@ def log_dataset(
     store: LogStore | str,
     *,
     loss_fn: Any = None,
-    ids: IdsFn = position_ids,
+    ids: IdsFn | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     group: Group = None,
 ) -> LogStore:
     """Append the projected gradient of every example of ``loader`` to ``store``.
 
-    ``store`` is an open LogStore or a URL (created with :func:`store_schema` if absent).
+    ``store`` is an open LogStore or a URL (created with :func:`store_schema` if absent). A
+    store holds rows of one spec, set of weights and loss: another one is refused.
     Examples whose data id is already committed are skipped, so a rerun after a crash resumes
-    without duplicates or gaps. ``ids(batch, offset)`` names the examples of a batch
-    (default: positions in the loader's order). Returns the store, flushed; given a URL, the
-    store it opened is closed (giving its writer id up) and returned reopened for reading.
+    without duplicates or gaps, and a store grows by logging new examples into it.
+
+    ``ids(batch, offset)`` names the examples of a batch. By default, for a ``DataLoader``
+    over a map-style dataset, the ids are the dataset indices its sampler picks (under
+    ``Subset``/``random_split`` wrappers: indices into the dataset beneath), right under
+    shuffling, and every example is logged even with ``drop_last=True``; other iterables
+    need ``ids``. Non-finite rows are refused before they are stored. Returns the store,
+    flushed; given a URL, the store it opened is closed (giving its writer id up) and returned
+    reopened for reading.
 
     With a process ``group`` every rank passes the same loader and logs its batches
     (``i % world == rank``) as writer ``rank`` of the store; the ranks then wait for each other,
@@ -97,34 +156,31 @@ def log_dataset(
     """
     model = local_model(model)
     rank, world = rank_world(group)
+    if ids is None:
+        loader = _indexed(loader)
+    schema = store_schema(model, spec, dtype, params=params, loss_fn=loss_fn)
     opened = isinstance(store, str)
     if opened:
-        schema = store_schema(model, spec, dtype)
-        store = LogStore.create(store, schema, writer=rank, exist_ok=True)
-    expected = spec.to_dict()
-    if store.schema.spec != expected:
-        raise ValueError(
-            f"the store at {store.url} was written with another projection spec; "
-            "log to a new store or use the spec it records (ProjectionSpec.from_dict)"
-        )
+        store = open_store(store, schema, rank)
+    check_store(store, schema)
     done = store.committed_ids()
     total = -(-len(loader) // world) if hasattr(loader, "__len__") else None
-    mine = rank_batches(loader, group)
-    for _, offset, batch in tqdm(
-        mine, total=total, desc="logging", unit="batch", disable=not progress
-    ):
-        batch_ids = ids(batch, offset)
-        keys = batch_ids.tolist() if isinstance(batch_ids, Tensor) else list(batch_ids)
-        todo = [i for i, key in enumerate(keys) if key not in done]
-        if not todo:
-            continue
-        if len(todo) < len(keys):
-            index = torch.tensor(todo)
-            batch = take(batch, index)
-            picked = [keys[i] for i in todo]
-            batch_ids = batch_ids[index] if isinstance(batch_ids, Tensor) else picked
-        rows = projected_grads(model, params, batch, spec, loss_fn=loss_fn)
-        store.append(batch_ids, {k: v.to(dtype) for k, v in rows.items()})
+    if ids is None and world == 1:  # no split: rank_batches would count (ids, batch) pairs
+        mine = ((i, None, batch) for i, batch in enumerate(loader))
+    else:
+        mine = rank_batches(loader, group)
+    try:
+        for _, offset, batch in tqdm(
+            mine, total=total, desc="logging", unit="batch", disable=not progress
+        ):
+            _log_batch(model, params, spec, store, batch, offset, ids, done, loss_fn, dtype)
+    except Exception:
+        with contextlib.suppress(Exception):  # the error to report is the first one
+            store.flush()  # the finished batches' rows are right: commit them
+        if opened:  # give the writer id up: the caller holds no handle to close
+            with contextlib.suppress(Exception):
+                store.close()
+        raise
     store.flush()
     if group is not None:
         import torch.distributed as dist
@@ -135,6 +191,39 @@ def log_dataset(
         store.close()
         store = LogStore.open(store.url)
     return store
+
+
+def _log_batch(model, params, spec, store, batch, offset, ids, done, loss_fn, dtype) -> None:
+    """Append the rows of the examples of ``batch`` not in ``done``."""
+    if ids is None:
+        batch_ids, batch = batch
+    else:
+        batch_ids = ids(batch, offset)
+    keys = batch_ids.tolist() if isinstance(batch_ids, Tensor) else list(batch_ids)
+    todo = [i for i, key in enumerate(keys) if key not in done]
+    if not todo:
+        return
+    if len(todo) < len(keys):
+        index = torch.tensor(todo)
+        batch = take(batch, index)
+        picked = [keys[i] for i in todo]
+        batch_ids = batch_ids[index] if isinstance(batch_ids, Tensor) else picked
+    rows = projected_grads(model, params, batch, spec, loss_fn=loss_fn)
+    store.append(batch_ids, {k: v.to(dtype) for k, v in rows.items()})
+
+
+def _indexed(loader: Iterable[Any]) -> Iterable[tuple[Tensor, Any]]:
+    """``loader`` yielding ``(dataset ids, batch)``, or a refusal saying to pass ``ids``."""
+    indexed = indexed_loader(loader)
+    if indexed is None:
+        raise ValueError(
+            f"log_dataset cannot tell which examples a {type(loader).__name__} yields: default "
+            "ids need a torch DataLoader over a map-style dataset with a batch size (ids = dataset "
+            "indices). "
+            "Pass ids=, e.g. ids=lambda batch, offset: lf.content_ids(batch[0]) (a hash of "
+            "each example), or a dataset index you carry in the batch (lf.IndexedDataset)"
+        )
+    return indexed
 
 
 def fit_curvature(
@@ -159,6 +248,9 @@ def fit_curvature(
     (``i % world == rank``, still seeded ``seed + i``); the states are summed over the ranks
     before finalizing, and the first rank's factors (KFAC's before the EKFAC pass too) are
     broadcast, so every rank returns those of a single process over the whole loader.
+
+    The factors record the spec tag (``"spec"``), the weights fingerprint (``"weights"``) and
+    the loss name (``"loss"``) they were fitted with; preconditioners check them.
     """
     model = local_model(model)
     device = next(iter(params.values())).device
@@ -174,12 +266,15 @@ def fit_curvature(
         factors = transform.finalize(all_reduce_state(state, group))
         return broadcast_state(factors, group)
 
+    def done(factors: dict[str, Any]) -> dict[str, Any]:
+        return stamped(factors, model, params, loss_fn)
+
     if method == "raw":
         transform = raw()
         state = transform.init(spec, device)
         for grads, _ in passes("raw covariance"):
             state = transform.update(state, grads)
-        return finalize(transform, state)
+        return done(finalize(transform, state))
     if method not in ("kfac", "ekfac"):
         raise ValueError(f"method must be 'kfac', 'ekfac' or 'raw', got {method!r}")
     k = kfac(fisher)
@@ -188,9 +283,9 @@ def fit_curvature(
         state = k.update(state, logs)
     factors = finalize(k, state)
     if method == "kfac":
-        return factors
+        return done(factors)
     e = ekfac(factors)
     state = e.init(device)
     for grads, logs in passes("EKFAC"):
         state = e.update(state, grads, logs)
-    return finalize(e, state)
+    return done(finalize(e, state))

@@ -48,7 +48,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from .batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
-from .checks import check_modes, check_params
+from .checks import check_modes, check_params, draws_random, random_error
 from .grads import split_weights
 from .layers import (
     Call,
@@ -123,7 +123,7 @@ def prepare(
 ) -> tuple[ModelBatch, tuple[dict, dict, dict]]:
     """Checked batch and ``(detached params, the model's other params, buffers)`` of a pass."""
     check_params(model, params)
-    check_modes(model, "error")
+    check_modes(model, None)
     mb = ModelBatch.from_batch(batch)
     fixed, buffers = split_weights(model, params)
     return mb, ({n: p.detach() for n, p in params.items()}, fixed, buffers)
@@ -413,6 +413,8 @@ class _Intercept(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is watch and self.on_watch is not None:
             return self.on_watch(*args, **kwargs)
+        if draws_random(func, args, kwargs):
+            raise random_error(func)
         if func is F.multi_head_attention_forward and self.uses_covered(args, kwargs):
             return mha_forward(self.linear, lambda w: id(w) in self.covered, *args, **kwargs)
         if func is F.linear:

@@ -23,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .curvature import IdentityPreconditioner
+from .origin import Provenance, check_provenance
 
 Precondition = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
@@ -32,6 +33,8 @@ def token_influence(
     train_logs: Mapping[str, Mapping[str, Tensor]],
     *,
     preconditioner: Precondition | None = None,
+    query_provenance: Provenance | None = None,
+    train_provenance: Provenance | None = None,
 ) -> Float[Tensor, "query train tokens"]:
     """Influence of every position of every training sequence on every query.
 
@@ -41,6 +44,10 @@ def token_influence(
             return_activations=True)``: ``{layer: {"activations": [N, T', k_in],
             "backprops": [N, T', k_out], ...}}``, padded positions zero.
         preconditioner: ``grads -> H⁻¹ grads`` applied to the queries; ``None`` = identity.
+        query_provenance: what produced the query rows, ``lf.provenance(model, params,
+            spec)``: query rows, logs and the preconditioner's factors from different specs or
+            weights are refused.
+        train_provenance: what produced the logs, likewise.
 
     Returns:
         ``[Q, N, T]`` with ``T`` the sequence length: summed over ``T`` it is the
@@ -48,6 +55,13 @@ def token_influence(
         several times (a tied head and embedding, a module called twice) has ``T' = m·T``
         tokens, ``m`` blocks of ``T`` positions in call order; they are added position by position.
     """
+    check_provenance(
+        {
+            "the query rows": query_provenance,
+            "the training logs": train_provenance,
+            "the preconditioner's curvature factors": getattr(preconditioner, "provenance", None),
+        }
+    )
     if set(query_rows) != set(train_logs):
         raise ValueError(
             f"query layers {sorted(query_rows)} do not match the logs' layers {sorted(train_logs)}"

@@ -3,9 +3,9 @@ tests/test_hf_trainer_distributed.py.
 
 ``python -m torch.distributed.run --nproc_per_node=2 tests/hf_trainer_worker.py FOLDER``: trains
 the tiny Llama of tests/test_hf_trainer.py for two DDP steps, then runs the attribution methods
-with the default store URL (``FOLDER/out/attribution/step-2``). Rank 0 saves the trained weights
-as ``FOLDER/weights.pt``; each rank tries a store URL of its own (refused) and saves what it
-got as ``FOLDER/rank{r}.pt``.
+with the default store URL (``FOLDER/out/attribution/weights-<fingerprint>``). Rank 0 saves the
+trained weights as ``FOLDER/weights.pt``; each rank tries a store URL of its own (refused) and
+saves what it got as ``FOLDER/rank{r}.pt``.
 """
 
 from __future__ import annotations

@@ -249,7 +249,8 @@ def test_the_trainer_is_left_as_it_was(tmp_path):
     assert scores.shape == (len(QUERIES), len(TRAIN)) and bool(scores.isfinite().all())
     assert t.self_influence().shape == (len(TRAIN),)
     assert t.top_k(QUERIES, k=3).ids.shape == (len(QUERIES), 3)
-    assert t.attribution.store_url == f"{tmp_path}/attribution/step-4"
+    weights = lf.weights_fingerprint(t.model)
+    assert t.attribution.store_url == f"{tmp_path}/attribution/weights-{weights}"
 
     for name, value in t.model.state_dict().items():
         assert torch.equal(value, model_state[name]), name
@@ -263,6 +264,29 @@ def test_the_trainer_is_left_as_it_was(tmp_path):
     t.train()  # training still works afterwards
     changed = any(not torch.equal(v, model_state[k]) for k, v in t.model.state_dict().items())
     assert changed and all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_default_store_is_keyed_by_the_weights_not_the_step(trainer, tmp_path):
+    """A fresh Trainer (step 0) on other weights gets its own store; a store of other weights
+    given explicitly is refused, and the trained trainer's rows stay as they were."""
+    options = AttributionArguments(rank=4, method="none", progress=False)
+    fresh = [transformers.Trainer(model=tiny_llama(), args=training_args(tmp_path / "o"))]
+    other = tiny_llama()
+    with torch.no_grad():
+        other.lm_head.weight += 0.1
+    fresh.append(
+        transformers.Trainer(model=other, args=training_args(tmp_path / "o"), train_dataset=TRAIN)
+    )
+    urls = [Attribution(t, options).store_url for t in fresh]
+    assert all(t.state.global_step == 0 for t in fresh) and urls[0] != urls[1]
+    assert urls[0] == f"{tmp_path}/o/attribution/weights-{lf.weights_fingerprint(tiny_llama())}"
+
+    url = str(tmp_path / "trained")
+    Attribution(trainer, AttributionArguments(**{**vars(options), "store": url})).extract_log()
+    mixed = AttributionArguments(**{**vars(options), "store": url})
+    with pytest.raises(ValueError, match="weights.*new store"):
+        Attribution(fresh[1], mixed).extract_log()
+    assert lf.LogStore.open(url).schema.weights == lf.weights_fingerprint(trainer.model)
 
 
 def test_unwrap_model_sees_through_wrappers():

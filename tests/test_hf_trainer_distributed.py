@@ -37,7 +37,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     want_scores = reference.influence(QUERIES)
     want_self = reference.self_influence()
 
-    url = f"{tmp_path}/out/attribution/step-2"
+    url = f"{tmp_path}/out/attribution/weights-{lf.weights_fingerprint(model)}"
     store = lf.LogStore.open(url)
     ids = store.ids()
     batches = [list(range(b * 4, b * 4 + 4)) for b in range(len(TRAIN) // 4)]

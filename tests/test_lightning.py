@@ -85,6 +85,7 @@ def test_predict_logs_projected_grads_captures_and_statistics(tmp_path):
     batches = list(loader())
     ids = torch.cat([batch_content_ids(b) for b in batches])
     rows = stored(url, ids)
+    assert lf.LogStore.open(url).schema.weights is None  # a URL without {step} or {weights}
     params = {n: p.detach() for n, p in module.named_parameters()}
     for name in ("net.0", "net.2"):
         expected = torch.cat([lf.projected_grads(module, params, b, spec)[name] for b in batches])
@@ -187,6 +188,8 @@ def test_training_steps_logged_on_the_weights_of_the_step_and_training_unaffecte
     for step in (2, 4):
         weights, batch = snapshots.weights[step]
         rows = stored(str(tmp_path / f"step{step}"), batch_content_ids(batch))
+        recorded = lf.LogStore.open(str(tmp_path / f"step{step}")).schema.weights
+        assert recorded == lf.weights_fingerprint(module, weights)  # one store per step's weights
         want = lf.projected_grads(module, weights, batch, spec)
         for name in spec.layers:
             torch.testing.assert_close(rows[name], want[name].float())

@@ -73,6 +73,13 @@ def test_main_job_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert (tmp_path / "digits" / "influence.png").stat().st_size > 10_000
     main(args)  # every stage reuses what the run folder holds
     assert capsys.readouterr().out.splitlines()[3:] == out.splitlines()[3:]
+    main([*args, "--seed", "1"])  # other weights and projection: nothing stale is reused
+    other = capsys.readouterr().out
+    files = sorted(p.name for p in (tmp_path / "digits").iterdir())
+    assert [f for f in files if f.startswith("model-")] == ["model-seed0.pt", "model-seed1.pt"]
+    assert len([f for f in files if f.startswith("train-")]) == 2
+    assert len([f for f in files if f.startswith("ekfac-true-b100-")]) == 2
+    assert other.splitlines()[3:] != out.splitlines()[3:]
 
 
 def test_log_dataset_twice_into_one_store_url(tmp_path):

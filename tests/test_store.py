@@ -34,12 +34,14 @@ def memory_url() -> str:
 
 
 def random_bits(n: int, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Arbitrary bit patterns of ``dtype`` (NaN payloads, infinities, subnormals included)."""
+    """Arbitrary finite bit patterns of ``dtype`` (subnormals and -0 included; the store
+    refuses NaN and infinities, which become 0 here)."""
     g = torch.Generator().manual_seed(seed)
     bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
     info = torch.iinfo(bits[dtype])
     raw = torch.randint(info.min, info.max, (n, *shape), generator=g, dtype=torch.int64)
-    return raw.to(bits[dtype]).view(dtype)
+    x = raw.to(bits[dtype]).view(dtype)
+    return torch.where(x.isfinite(), x, torch.zeros_like(x))
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -32,7 +32,13 @@ def main() -> None:
     spec = lf.logra(model, rank=rank)
     with rec.stage("extract"):
         store = log_dataset(
-            model, params, train, spec, os.path.join(args.workdir, "train"), progress=False
+            model,
+            params,
+            train,
+            spec,
+            os.path.join(args.workdir, "train"),
+            progress=False,
+            ids=lambda batch, offset: lf.index_ids(offset, len(batch[1])),  # training positions
         )
     with rec.stage("curvature"):
         factors = fit_curvature(

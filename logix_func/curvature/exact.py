@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
-from ..checks import check_modes, check_params
+from ..checks import check_modes, check_params, no_randomness_error
 from ..grads import split_weights
+from ..origin import stamped
 from .kfac import eigh64
 from .transform import spec_tag
 
@@ -69,7 +70,7 @@ def exact_curvature(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     check_params(model, params)
-    check_modes(model, "error")
+    check_modes(model, None)
     fixed, buffers = split_weights(model, params)
     base = {**fixed, **{n: p.detach() for n, p in params.items()}}
     names = _layer_params(model, spec, base)
@@ -82,7 +83,10 @@ def exact_curvature(
         mb = ModelBatch.from_batch(batch)
         loss_of = sample_loss(model, mb, loss_fn)
         for name, (move, z0) in movers.items():
-            block = _block(model, mb, loss_of, buffers, move, z0, kind, chunk_size)
+            try:
+                block = _block(model, mb, loss_of, buffers, move, z0, kind, chunk_size)
+            except RuntimeError as err:
+                raise no_randomness_error(err) from err
             sums[name] += block.to(dtype)
         samples += mb.size
     if samples == 0:
@@ -93,7 +97,7 @@ def exact_curvature(
         c = (c + c.T) / 2
         values, vectors = eigh64(c) if kind == "ggn" else torch.linalg.eigh(c.double())
         factors[name] = {"C": c, "Q": vectors.to(dtype), "eigenvalues": values.to(dtype)}
-    return {"spec": spec_tag(spec), "layers": factors}
+    return stamped({"spec": spec_tag(spec), "layers": factors}, model, params, loss_fn)
 
 
 def _batches(data: Any) -> Iterable[Any]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from jaxtyping import Float
 from torch import Tensor
 
+from ..origin import factors_provenance
 from .transform import check_layers
 
 Grads = dict[str, Float[Tensor, "*batch k_out k_in"]]
@@ -19,21 +21,28 @@ class Preconditioner:
 
     ``damping``: ``None`` = 0.1 × the mean eigenvalue of *each* layer; a float is absolute
     for every layer; a ``{layer: float}`` dict sets each layer. The factors are never changed, so
-    damping does not accumulate across calls. ``.damping`` holds the values used.
+    damping does not accumulate across calls. ``.damping`` holds the values used. Damping
+    must be finite and ≥ 0. ``.provenance`` is what the factors record (spec tag, weights
+    fingerprint, loss; ``None`` where they record none); influence checks it.
     """
 
     def __init__(self, factors: Mapping[str, Any], damping: float | Mapping[str, float] | None):
         self.spec = factors["spec"]
         self.layers = factors["layers"]
+        self.provenance = factors_provenance(factors)
         if isinstance(damping, Mapping):
             check_layers(self.layers, damping, "damping layers")
             self.damping = {n: float(damping[n]) for n in self.layers}
         elif damping is None:
             self.damping = {n: 0.1 * f["eigenvalues"].mean().item() for n, f in self.layers.items()}
         else:
-            if damping < 0:
-                raise ValueError(f"damping must be ≥ 0, got {damping}")
             self.damping = {n: float(damping) for n in self.layers}
+        for name, value in self.damping.items():
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"damping of layer {name!r} must be finite and ≥ 0, got {value}: an "
+                    "infinite damping scales every score to 0, a NaN one makes them NaN"
+                )
         for name, value in self.damping.items():
             lowest = float(self.layers[name]["eigenvalues"].min())
             if lowest + value > 0:
@@ -78,6 +87,7 @@ class IdentityPreconditioner:
     """Leaves gradients as they are (plain gradient dot products)."""
 
     spec = None
+    provenance = None
     damping: dict[str, float] = {}
 
     def __call__(self, grads: Grads) -> Grads:

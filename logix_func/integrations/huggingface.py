@@ -37,7 +37,8 @@ from ..distributed import Group, gather_scores, gather_top_k, store_part
 from ..influence import Mode, TopK
 from ..influence import influence as influence_scores
 from ..influence import self_influence as self_scores
-from ..pipeline import fit_curvature, log_dataset, position_ids, store_schema
+from ..origin import provenance, weights_fingerprint
+from ..pipeline import fit_curvature, log_dataset, open_store, position_ids, store_schema
 from ..projected import projected_grads
 from ..projection import ProjectionSpec, logra
 from ..store import LogStore
@@ -52,7 +53,9 @@ class AttributionArguments:
 
     Args:
         store: URL of the training log (local path or tensorstore kvstore URL); ``None`` =
-            ``<output_dir>/attribution/step-<global_step>``, one log per checkpoint.
+            ``<output_dir>/attribution/weights-<fingerprint>``, one log per set of weights
+            (:func:`~logix_func.weights_fingerprint`). A store holds rows of one set of
+            weights: logging other weights into it is refused.
         rank: LoGra rank ``k`` per side, ``(k_out, k_in)``, or ``None`` for full gradients.
         seed: seed of the projection matrices (and of the sampled labels of the true Fisher).
         layers: module names to cover; ``None`` = every projectable layer.
@@ -129,7 +132,7 @@ class Attribution:
     def __init__(self, trainer: Trainer, args: AttributionArguments | None = None):
         self.trainer = trainer
         self.args = args or AttributionArguments()
-        self._factors: tuple[int, Any, dict[str, Any]] | None = None  # step, dataset, factors
+        self._factors: tuple[str, Any, dict[str, Any]] | None = None  # weights, data, factors
 
     # the pieces
 
@@ -150,8 +153,8 @@ class Attribution:
         """Where the training log lives."""
         if self.args.store is not None:
             return self.args.store
-        step = self.trainer.state.global_step
-        return f"{self.trainer.args.output_dir}/attribution/step-{step}"
+        weights = weights_fingerprint(self.model)
+        return f"{self.trainer.args.output_dir}/attribution/weights-{weights}"
 
     @property
     def group(self) -> Group:
@@ -186,12 +189,9 @@ class Attribution:
         dataset = self._train(None)
         model, spec, group = self.model, self.spec, self.group
         url = self._shared_url()
-        schema = store_schema(model, spec, self.args.dtype)
+        schema = store_schema(model, spec, self.args.dtype, loss_fn=self.args.loss_fn)
         rank = 0 if group is None else dist.get_rank(group)
-        with (
-            eval_mode(model),
-            LogStore.create(url, schema, writer=rank, exist_ok=True) as store,  # close = commit
-        ):
+        with eval_mode(model), open_store(url, schema, rank) as store:  # close = commit
             ids = self.args.ids
             if ids == "index":
                 todo = torch.tensor(sorted(set(range(len(dataset))) - store.committed_ids()))
@@ -217,10 +217,10 @@ class Attribution:
 
     def fit_curvature(self, dataset: Any = None) -> dict[str, Any] | None:
         """Curvature factors over ``dataset`` (default: the training set), kept until the
-        weights move on (``global_step`` changes); ``None`` for ``method="none"``."""
+        weights change (their fingerprint); ``None`` for ``method="none"``."""
         if self.args.method == "none":
             return None
-        dataset, step = self._train(dataset), self.trainer.state.global_step
+        dataset, step = self._train(dataset), weights_fingerprint(self.model)
         cached = self._factors
         if cached is None or cached[0] != step or cached[1] is not dataset:
             model = self.model
@@ -273,6 +273,7 @@ class Attribution:
             preconditioner=self.preconditioner(),
             mode=mode,
             progress=self._progress,
+            query_provenance=self._provenance(),
         )
         return gather_scores(scores, group=group)[:, self._order(store)]
 
@@ -296,6 +297,7 @@ class Attribution:
             preconditioner=self.preconditioner(),
             mode=mode,
             progress=self._progress,
+            query_provenance=self._provenance(),
         )
         return gather_top_k(scores, k, group=group, ids=part.ids(), largest=largest)
 
@@ -306,6 +308,11 @@ class Attribution:
         return ids[self._order(store)] if self.args.ids == "index" else ids
 
     # helpers
+
+    def _provenance(self) -> dict[str, str | None]:
+        """What :meth:`grads` rows come from (the model's weights now, the spec, the loss)."""
+        model = self.model
+        return provenance(model, None, self.spec, loss_fn=self.args.loss_fn)
 
     @property
     def _progress(self) -> bool:

@@ -10,6 +10,7 @@ training step's loss, gradients, optimizer, loggers and checkpoints never see it
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,6 +21,7 @@ from torch.utils._pytree import tree_map
 from ..batch import ModelBatch
 from ..capturing import capture, flatten_capture
 from ..ids import content_ids
+from ..origin import weights_fingerprint
 from ..pipeline import store_schema
 from ..projected import projected_grads
 from ..projection import ProjectionSpec
@@ -42,7 +44,10 @@ class LogStoreCallback(pl.Callback):
         store: an open :class:`~logix_func.store.LogStore`, or a URL created on the first batch
             (:func:`~logix_func.pipeline.store_schema` of the spec and captures; ``writer`` =
             the trainer's global rank). A URL with ``{step}`` gets one store per logged
-            training step (``"logs/step{step}"``: gradients at several checkpoints).
+            training step (``"logs/step{step}"``: gradients at several checkpoints), one with
+            ``{weights}`` one store per set of weights (their fingerprint); such a store
+            records its weights fingerprint. A URL with neither gathers rows of the weights of
+            several steps and records none.
         spec: the :class:`~logix_func.projection.ProjectionSpec` of ``model``'s layers.
         stages: when to log: any of ``"predict"``, ``"validate"``, ``"train"``.
         every_n_train_steps: with ``"train"``, log the batch that ends every N-th optimizer
@@ -172,9 +177,18 @@ class LogStoreCallback(pl.Callback):
     def _store(self, trainer: pl.Trainer, model: nn.Module, captured: dict | None) -> LogStore:
         if not isinstance(self.store, str):
             return self.store
-        url = self.store.format(step=trainer.global_step) if "{step}" in self.store else self.store
+        keys = {}
+        if "{step}" in self.store:
+            keys["step"] = trainer.global_step
+        if "{weights}" in self.store:
+            keys["weights"] = weights_fingerprint(model)
+        url = self.store.format(**keys) if keys else self.store
         if url not in self.stores:
-            schema = store_schema(model, self.spec, self.dtype, captures=captured)
+            schema = store_schema(
+                model, self.spec, self.dtype, captures=captured, loss_fn=self.loss_fn
+            )
+            if not keys:  # rows of the weights of several steps: no one fingerprint is true
+                schema = replace(schema, weights=None)
             writer = trainer.global_rank
             self.stores[url] = LogStore.create(url, schema, writer=writer, exist_ok=True)
         return self.stores[url]

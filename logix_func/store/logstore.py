@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -169,6 +170,7 @@ class LogStore:
             raise StoreError(f"writing {self.url} failed earlier: {self._failed}")
         raw, keys = self.schema.encode_ids(data_ids)
         arrays = self.schema.rows_to_numpy(rows, len(keys))
+        _check_finite(rows, keys)
         if len(set(keys)) != len(keys):
             repeated = sorted({k for k in keys if keys.count(k) > 1}, key=str)
             raise DuplicateIdError(
@@ -322,6 +324,19 @@ class LogStore:
 def _check_writer(writer: Any) -> None:
     if not isinstance(writer, int) or isinstance(writer, bool) or writer < 0:
         raise ValueError(f"writer must be a non-negative int (e.g. the rank), got {writer!r}")
+
+
+def _check_finite(rows: Mapping[str, Tensor], keys: list) -> None:
+    """Refuse rows with NaN or inf before they are stored, naming their data ids."""
+    bad = {name: ~torch.isfinite(t.reshape(len(keys), -1)).all(dim=1) for name, t in rows.items()}
+    layers = [name for name, b in bad.items() if b.any()]
+    if layers:
+        rows_bad = torch.stack([bad[name] for name in layers]).any(0)
+        ids = [keys[i] for i in rows_bad.nonzero().flatten().tolist()]
+        raise ValueError(
+            f"non-finite values (NaN or inf) for data ids {listed(ids)} (layers {layers}): "
+            "nothing of this batch was stored; check the loss and inputs of those examples"
+        )
 
 
 def _version() -> str:

@@ -1,4 +1,4 @@
-"""What a store holds: layer row shapes, dtype, data-id type, projection spec, model fingerprint."""
+"""What a store holds: layer row shapes, dtype, data-id type, and what produced the rows."""
 
 from __future__ import annotations
 
@@ -51,6 +51,9 @@ class StoreSchema:
         ids: ``"int"`` (int64 data ids) or ``"str"`` (UTF-8 strings of at most ``id_bytes``).
         spec: projection spec, any JSON-serialisable dict (or ``None``).
         fingerprint: ``model_fingerprint(model)`` (or ``None``).
+        weights: ``weights_fingerprint(model, params)`` of the weights that produced the rows
+            (or ``None``): a store holds rows of one set of weights.
+        loss: name of the loss (measurement) whose gradients the rows are (or ``None``).
         codec: ``"zstd"`` (default), ``"blosc"`` (byte shuffle + zstd) or ``"none"``.
         chunk_rows: rows per stored chunk; ``None`` picks a power of two near 16 MiB per chunk.
         id_bytes: width of string ids in bytes.
@@ -64,6 +67,8 @@ class StoreSchema:
     codec: str = "zstd"
     chunk_rows: int | None = None
     id_bytes: int = 64
+    weights: str | None = None
+    loss: str | None = None
     row_sizes: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +90,9 @@ class StoreSchema:
             raise SchemaError(f"codec must be one of {CODECS}, got {self.codec!r}")
         if self.id_bytes < 1:
             raise SchemaError(f"id_bytes must be positive, got {self.id_bytes}")
+        for what in ("weights", "loss"):
+            if not isinstance(getattr(self, what), (str, type(None))):
+                raise SchemaError(f"{what} must be a string or None, got {getattr(self, what)!r}")
         sizes = {name: math.prod(shape) for name, shape in layers.items()}
         row_bytes = sum(sizes.values()) * self.dtype.itemsize
         chunk_rows = _auto_chunk_rows(row_bytes) if self.chunk_rows is None else self.chunk_rows
@@ -133,6 +141,8 @@ class StoreSchema:
             "codec": self.codec,
             "chunk_rows": self.chunk_rows,
             "id_bytes": self.id_bytes,
+            "weights": self.weights,
+            "loss": self.loss,
         }
 
     @classmethod
