@@ -1,7 +1,8 @@
 """The attribution pipeline over a data loader, built only from the public pieces.
 
 ``log_dataset`` appends projected gradients of every example to a store (resuming where a
-previous run stopped); ``fit_curvature`` runs the KFAC (and EKFAC) passes and returns factors.
+previous run stopped); ``fit_curvature`` runs the KFAC (and EKFAC) passes and returns factors;
+``query_grads`` gives the query rows, of a measurement that may differ from the training loss.
 Both take a ``torch.distributed`` process group: each rank then handles the batches
 :func:`~logix_func.distributed.rank_batches` gives it, and the results equal a single process's.
 """
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -32,6 +34,7 @@ from .projected import projected_grads
 from .store import LogStore, StoreSchema, model_fingerprint
 
 IdsFn = Callable[[Any, int], Tensor | list]
+Rows = dict[str, Float[Tensor, "n k_out k_in"]]
 
 
 def position_ids(batch: Any, offset: int) -> Tensor:
@@ -130,6 +133,34 @@ def log_dataset(
         dist.barrier(group=group)
         store.refresh()
     return store
+
+
+def query_grads(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    queries: Iterable[Any],
+    spec: Any,
+    *,
+    measurement: Any = None,
+    progress: bool = False,
+) -> Rows:
+    """Projected gradients ``{layer: [Q, k_out, k_in]}`` of the measurement of every query.
+
+    ``queries`` is an iterable of batches (a loader, or a list of one batch).
+    ``measurement(outputs, targets)`` is what is attributed, with ``loss_fn``'s signature and
+    conventions: loss-like (lower is better) and computed per example, e.g. the negative
+    log-likelihood of a completion only, or ``-margin``; ``None`` = the training loss. Scores
+    ``influence(query_grads(...), store)`` are then positive where a training example lowers
+    the measurement.
+    """
+    total = len(queries) if hasattr(queries, "__len__") else None
+    parts = [
+        projected_grads(model, params, batch, spec, loss_fn=measurement)
+        for batch in tqdm(queries, total=total, desc="queries", unit="batch", disable=not progress)
+    ]
+    if not parts:
+        raise ValueError("the query set is empty")
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
 def fit_curvature(
