@@ -42,6 +42,14 @@ def position_ids(batch: Any, offset: int) -> Tensor:
     return torch.arange(offset, offset + ModelBatch.from_batch(batch).size)
 
 
+def rank_total(loader: Iterable[Any], group: Group) -> int | None:
+    """How many batches of ``loader`` this rank handles, or None if the loader has no length."""
+    if not hasattr(loader, "__len__"):
+        return None
+    rank, world = rank_world(group)
+    return len(range(rank, len(loader), world))
+
+
 def take(batch: Any, index: Tensor) -> Any:
     """The samples of ``batch`` at ``index`` (every tensor leaf indexed on its first axis)."""
     pick = lambda v: v[index] if isinstance(v, Tensor) else v  # noqa: E731
@@ -109,7 +117,7 @@ def log_dataset(
             "log to a new store or use the spec it records (ProjectionSpec.from_dict)"
         )
     done = store.committed_ids()
-    total = -(-len(loader) // world) if hasattr(loader, "__len__") else None
+    total = rank_total(loader, group)
     mine = rank_batches(loader, group)
     for _, offset, batch in tqdm(
         mine, total=total, desc="logging", unit="batch", disable=not progress
@@ -190,7 +198,9 @@ def fit_curvature(
     device = next(iter(params.values())).device
 
     def passes(desc: str):
-        bar = tqdm(rank_batches(loader, group), desc=desc, unit="batch", disable=not progress)
+        batches = rank_batches(loader, group)
+        total = rank_total(loader, group)
+        bar = tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress)
         for i, _, batch in bar:
             yield fisher_logs(
                 model, params, batch, spec, fisher=fisher, seed=seed + i, loss_fn=loss_fn

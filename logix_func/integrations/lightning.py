@@ -5,7 +5,7 @@
 batch of every ``every_n_train_steps``-th optimizer step, all the accumulated batches of the
 step, on the weights after it), on the module's current weights, detached: the
 training step's loss, gradients, optimizer, loggers and checkpoints never see it. Needs the
-``lightning`` extra (``pip install logix-func[lightning]``).
+``lightning`` extra (``pip install -e ".[lightning]"`` in a clone).
 """
 
 from __future__ import annotations
