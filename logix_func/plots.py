@@ -44,6 +44,10 @@ def _ids(best: TopK, row: int) -> list:
     return ids.tolist() if isinstance(ids, Tensor) else list(ids)
 
 
+def _item(value: Any) -> Any:
+    return value.item() if isinstance(value, Tensor) else value
+
+
 def as_image(x: Any, shape: Sequence[int] | None = None) -> Tensor:
     """An image ``[H, W]`` (grey) or ``[H, W, 3 | 4]`` (colour) from ``x`` reshaped to ``shape``.
 
@@ -82,8 +86,8 @@ def influence_grid(
     """A grid with one row per query: the query image, its proponents, then its opponents.
 
     ``queries`` holds the query images (``[Q, ...]``); ``train[i]`` is the image of training id
-    ``i`` (a tensor ``[N, ...]`` indexed by the data ids of ``helps``/``hurts``, the
-    :class:`~logix_func.influence.TopK` results). Images are read by :func:`as_image`
+    ``i``, for the ids of ``helps``/``hurts`` (:class:`~logix_func.influence.TopK` results): a
+    tensor ``[N, ...]`` for int ids, a mapping for string ids. Images are read by :func:`as_image`
     (``shape`` reshapes flattened ones). Proponent titles give the id, the label
     ``train_labels[i]`` if given, and the score; their frames are green, opponents' red.
 
@@ -117,8 +121,8 @@ def influence_grid(
         panels = [(queries[row], title, "black")]
         for best, colour in groups:
             for i, v in zip(_ids(best, row), best.values[row].tolist(), strict=True):
-                label = "" if train_labels is None else f" label {int(train_labels[int(i)])}"
-                panels.append((train[int(i)], f"#{i}{label}\n{v:+.3g}", colour))
+                label = "" if train_labels is None else f" label {_item(train_labels[i])}"
+                panels.append((train[i], f"#{i}{label}\n{v:+.3g}", colour))
         for ax, (image, title, colour) in zip(axes[row], panels, strict=True):
             ax.imshow(as_image(image, shape).numpy(), cmap=cmap, interpolation="nearest")
             ax.set_title(title, fontsize=8, color=colour)
@@ -196,7 +200,7 @@ def proponent_table(
     for q, text in enumerate(query_texts):
         cells.append([str(q), "query", "", "", short(text)])
         for rank, (i, v) in enumerate(zip(_ids(helps, q), helps.values[q].tolist(), strict=True)):
-            cells.append(["", str(rank + 1), str(i), f"{v:+.3g}", short(train_texts[int(i)])])
+            cells.append(["", str(rank + 1), str(i), f"{v:+.3g}", short(train_texts[i])])
     fig = _figure(2.2 + 0.075 * width, 0.3 * (len(cells) + 1) + 0.4)
     ax = fig.add_subplot()
     ax.axis("off")

@@ -174,6 +174,10 @@ def test_proponent_table_lists_each_query_and_its_proponents(tmp_path):
         ["", "2", "1", "-1", "a dog ran"],
     ]
     assert path.read_bytes()[:8] == PNG
+    named = TopK([["b", "a"]], torch.tensor([[3.0, 1.0]]))  # string data ids
+    fig = proponent_table(["q"], {"a": "text a", "b": "text b"}, named)
+    cells = fig.axes[0].tables[0].get_celld()
+    assert [cells[r, 4].get_text().get_text() for r in (2, 3)] == ["text b", "text a"]
 
 
 def test_score_heatmap_cells_are_the_scores_centred_at_zero(tmp_path):
