@@ -146,12 +146,15 @@ def self_influence_histogram(
     *,
     ids: Any = None,
     bins: int = 50,
+    log: bool = True,
     title: str | None = None,
 ) -> Any:
-    """A histogram of self-influence scores ``[N]`` with flagged examples marked (red lines).
+    """A histogram of self-influence scores ``[N]``, flagged examples marked in red.
 
-    ``flagged`` is how many of the highest scores to flag, or the positions (in ``scores``) of
-    the examples to flag; ``ids`` names the positions in the legend (default: the positions).
+    ``flagged`` is how many of the highest scores to flag (their range is shaded), or the
+    positions (in ``scores``) of the examples to flag; each flagged score is a red tick on the
+    axis, and ``ids`` names the first of them in the legend (default: the positions). ``log``:
+    a logarithmic count axis, so that the few examples of the tail stay visible.
     High self-influence marks examples the model fits only by memorising them: mislabelled,
     atypical or duplicated data.
     """
@@ -165,15 +168,18 @@ def self_influence_histogram(
     names = list(range(len(values))) if ids is None else list(ids)
     fig = _figure(6, 3.6)
     ax = fig.add_subplot()
-    ax.hist(values.numpy(), bins=bins, color="0.6")
-    for j, i in enumerate(marked):
-        label = f"flagged ({len(marked)})" if j == 0 else None
-        ax.axvline(float(values[i]), color=OPPONENT, linewidth=1, alpha=0.8, label=label)
+    ax.hist(values.numpy(), bins=bins, color="0.6", log=log)
     if marked:
+        ticks = [float(values[i]) for i in marked]
+        ax.plot(ticks, [0] * len(ticks), "|", color=OPPONENT, markersize=16, markeredgewidth=1.5,
+                clip_on=False, transform=ax.get_xaxis_transform(),  # y: the axis, any scale
+                label=f"flagged ({len(marked)})")  # fmt: skip
+        if isinstance(flagged, int):
+            ax.axvspan(min(ticks), max(ticks), color=OPPONENT, alpha=0.1, linewidth=0)
         shown = ", ".join(f"#{names[i]}" for i in marked[:8]) + (", …" if len(marked) > 8 else "")
         ax.legend(title=shown, fontsize=8, title_fontsize=8)
     ax.set_xlabel("self-influence")
-    ax.set_ylabel("examples")
+    ax.set_ylabel("examples (log scale)" if log else "examples")
     ax.set_title(title or f"Self-influence of {len(values)} examples")
     return _save(fig, path)
 
@@ -201,7 +207,7 @@ def proponent_table(
         cells.append([str(q), "query", "", "", short(text)])
         for rank, (i, v) in enumerate(zip(_ids(helps, q), helps.values[q].tolist(), strict=True)):
             cells.append(["", str(rank + 1), str(i), f"{v:+.3g}", short(train_texts[i])])
-    fig = _figure(2.2 + 0.075 * width, 0.3 * (len(cells) + 1) + 0.4)
+    fig = _figure(2.2 + 0.075 * width, 0.22 * (len(cells) + 1) + 0.4)
     ax = fig.add_subplot()
     ax.axis("off")
     table = ax.table(
@@ -209,11 +215,12 @@ def proponent_table(
         colLabels=["query", "rank", "id", "score", "text"],
         colWidths=[0.06, 0.07, 0.07, 0.1, 0.7],
         cellLoc="left",
-        loc="upper center",
+        bbox=(0, 0, 1, 1),  # the rows fill the axes
     )
     table.auto_set_font_size(False)
     table.set_fontsize(8)
-    for (r, _), cell in table.get_celld().items():
+    for (r, c), cell in table.get_celld().items():
+        cell.PAD = 0.03 if c == 4 else 0.1  # the text column is wide: a narrower margin
         if r > 0 and cells[r - 1][1] == "query":
             cell.set_facecolor("0.9")
     ax.set_title(title or "Top proponents of each query", fontsize=10)

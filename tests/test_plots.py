@@ -143,16 +143,18 @@ def test_self_influence_histogram_counts_and_flags(tmp_path):
     fig = self_influence_histogram(scores, 3, str(path), ids=[f"x{i}" for i in range(200)], bins=20)
     (ax,) = fig.axes
     counts, _ = np.histogram(scores.numpy(), bins=20)
-    assert [p.get_height() for p in ax.patches] == counts.tolist()
+    assert [p.get_height() for p in ax.patches[:20]] == counts.tolist()
+    assert ax.get_yscale() == "log"
     top3 = scores.topk(3).values.tolist()
-    assert [line.get_xdata()[0] for line in ax.lines] == pytest.approx(top3)
+    (ticks,) = ax.lines  # one red tick per flagged example
+    assert list(ticks.get_xdata()) == pytest.approx(top3)
+    assert ax.patches[-1].get_facecolor()[0] > 0.5  # the flagged range, shaded red
     legend = ax.get_legend()
     assert legend.get_title().get_text() == "#x17, #x42, #x" + str(int(scores.topk(3).indices[2]))
     assert legend.get_texts()[0].get_text() == "flagged (3)"
-    fig = self_influence_histogram(scores, [5, 17])
-    assert [line.get_xdata()[0] for line in fig.axes[0].lines] == pytest.approx(
-        [float(scores[5]), 9.0]
-    )
+    fig = self_influence_histogram(scores, [5, 17], log=False)
+    assert list(fig.axes[0].lines[0].get_xdata()) == pytest.approx([float(scores[5]), 9.0])
+    assert len(fig.axes[0].patches) == 50 and fig.axes[0].get_yscale() == "linear"
     assert path.read_bytes()[:8] == PNG
 
 
