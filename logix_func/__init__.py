@@ -1,6 +1,7 @@
 """logix_func: functional data attribution with torch.func."""
 
 from .capturing import capture, capture_shapes, flatten_capture, unflatten_capture
+from .completions import completion_labels, prompt_completion_batch
 from .curvature import (
     IdentityPreconditioner,
     Preconditioner,
@@ -31,7 +32,7 @@ from .influence import TopK, influence, influence_chunks, self_influence, top_k
 from .layers import LayerSpec
 from .metrics import lds, loo_correlation, pearson, spearman
 from .origin import provenance, weights_fingerprint
-from .pipeline import fit_curvature, log_dataset, store_schema
+from .pipeline import fit_curvature, log_dataset, query_grads, store_schema
 from .projected import projected_grads
 from .projection import ProjectionSpec, logra
 from .stats import RunningStat, running_covariance, running_mean, running_variance
@@ -56,6 +57,7 @@ __all__ = [
     "capture",
     "capture_shapes",
     "check_unique",
+    "completion_labels",
     "content_ids",
     "ekfac",
     "exact_curvature",
@@ -81,7 +83,9 @@ __all__ = [
     "per_sample_grads",
     "preconditioner",
     "projected_grads",
+    "prompt_completion_batch",
     "provenance",
+    "query_grads",
     "rank_batches",
     "raw",
     "running_covariance",

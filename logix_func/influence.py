@@ -330,10 +330,12 @@ def self_influence(
         raise ValueError("the training rows are empty")
     show = total > 50_000 if progress is None else progress
     out = []
-    for chunk in tqdm(iter_rows(train, chunk_rows), disable=not show, desc="self-influence"):
-        values = _self_kernel(chunk.rows, pre)
-        _check_scores(chunk, {"self": values})
-        out.append(values)
+    with tqdm(total=total, desc="self-influence", unit="row", disable=not show) as bar:
+        for chunk in iter_rows(train, chunk_rows):
+            values = _self_kernel(chunk.rows, pre)
+            _check_scores(chunk, {"self": values})
+            out.append(values)
+            bar.update(len(chunk.ids))
     return torch.cat(out)
 
 

@@ -1,7 +1,8 @@
 """The attribution pipeline over a data loader, built only from the public pieces.
 
 ``log_dataset`` appends projected gradients of every example to a store (resuming where a
-previous run stopped); ``fit_curvature`` runs the KFAC (and EKFAC) passes and returns factors.
+previous run stopped); ``fit_curvature`` runs the KFAC (and EKFAC) passes and returns factors;
+``query_grads`` gives the query rows, of a measurement that may differ from the training loss.
 Both take a ``torch.distributed`` process group: each rank then handles the batches
 :func:`~logix_func.distributed.rank_batches` gives it, and the results equal a single process's.
 """
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -35,6 +37,7 @@ from .projected import projected_grads
 from .store import LogStore, NotAStoreError, StoreSchema, model_fingerprint
 
 IdsFn = Callable[[Any, int], Tensor | list]
+Rows = dict[str, Float[Tensor, "n k_out k_in"]]
 
 
 def position_ids(batch: Any, offset: int) -> Tensor:
@@ -42,6 +45,14 @@ def position_ids(batch: Any, offset: int) -> Tensor:
     unshuffled iterable of batches such as a list (the default ids need a DataLoader). Logging
     a second iterable into the same store needs other ids: its positions repeat."""
     return torch.arange(offset, offset + ModelBatch.from_batch(batch).size)
+
+
+def rank_total(loader: Iterable[Any], group: Group) -> int | None:
+    """How many batches of ``loader`` this rank handles, or None if the loader has no length."""
+    if not hasattr(loader, "__len__"):
+        return None
+    rank, world = rank_world(group)
+    return len(range(rank, len(loader), world))
 
 
 def take(batch: Any, index: Tensor) -> Any:
@@ -164,7 +175,7 @@ def log_dataset(
         store = open_store(store, schema, rank)
     check_store(store, schema)
     done = store.committed_ids()
-    total = -(-len(loader) // world) if hasattr(loader, "__len__") else None
+    total = rank_total(loader, group)
     if ids is None and world == 1:  # no split: rank_batches would count (ids, batch) pairs
         mine = ((i, None, batch) for i, batch in enumerate(loader))
     else:
@@ -226,6 +237,34 @@ def _indexed(loader: Iterable[Any]) -> Iterable[tuple[Tensor, Any]]:
     return indexed
 
 
+def query_grads(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    queries: Iterable[Any],
+    spec: Any,
+    *,
+    measurement: Any = None,
+    progress: bool = False,
+) -> Rows:
+    """Projected gradients ``{layer: [Q, k_out, k_in]}`` of the measurement of every query.
+
+    ``queries`` is an iterable of batches (a loader, or a list of one batch).
+    ``measurement(outputs, targets)`` is what is attributed, with ``loss_fn``'s signature and
+    conventions: loss-like (lower is better) and computed per example, e.g. the negative
+    log-likelihood of a completion only, or ``-margin``; ``None`` = the training loss. Scores
+    ``influence(query_grads(...), store)`` are then positive where a training example lowers
+    the measurement.
+    """
+    total = len(queries) if hasattr(queries, "__len__") else None
+    parts = [
+        projected_grads(model, params, batch, spec, loss_fn=measurement)
+        for batch in tqdm(queries, total=total, desc="queries", unit="batch", disable=not progress)
+    ]
+    if not parts:
+        raise ValueError("the query set is empty")
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+
 def fit_curvature(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -256,7 +295,9 @@ def fit_curvature(
     device = next(iter(params.values())).device
 
     def passes(desc: str):
-        bar = tqdm(rank_batches(loader, group), desc=desc, unit="batch", disable=not progress)
+        batches = rank_batches(loader, group)
+        total = rank_total(loader, group)
+        bar = tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress)
         for i, _, batch in bar:
             yield fisher_logs(
                 model, params, batch, spec, fisher=fisher, seed=seed + i, loss_fn=loss_fn

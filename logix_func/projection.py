@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -30,12 +31,14 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from .layers import KINDS, LayerSpec, projectable_layers, why_not_projectable
+from .selection import RowSize, human, is_pattern, row_size, select
 
 Distribution = Literal["gaussian", "rademacher"]
 Rank = int | tuple[int, int] | None
 FORMAT = "logix_func.ProjectionSpec"
 VERSION = 1
 _SIDES = ("out", "in")
+LARGE_EMBEDDING_FLOATS = 1 << 18  # 1 MiB per example in float32: warned about by default
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,11 @@ class ProjectionSpec:
             for side, basis in self.pca.get(name, {}).items():
                 matrices[(name, side)] = basis.to(device=device, dtype=dtype)
         return {n: (matrices.get((n, "out")), matrices.get((n, "in"))) for n in layers}
+
+    def row_size(self, dtype: torch.dtype = torch.float32) -> RowSize:
+        """What one example's row costs in ``dtype``: ``k_out · k_in`` floats and bytes per
+        layer and in total (``print`` it for a table), known before anything is logged."""
+        return row_size(self.layers, dtype)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form; :meth:`from_dict` inverts it exactly."""
@@ -308,6 +316,7 @@ def logra(
     *,
     seed: int = 0,
     layers: list[str] | None = None,
+    exclude: list[str] | None = None,
     init: Literal["random", "pca"] = "random",
     distribution: Distribution = "gaussian",
     covariances: Mapping[str, Mapping[str, Tensor]] | None = None,
@@ -319,8 +328,12 @@ def logra(
         rank: ``k`` for both sides (capped at each side's size), ``(k_out, k_in)``, or ``None``
             for no projection (identity on both sides: full gradients, same layout).
         seed: the seed of the random matrices, in ``[0, 2**63)``.
-        layers: module names to cover; ``None`` = every projectable module. A weight shared
-            by several modules (tied embeddings) is covered once, by the first of them.
+        layers: module names or glob patterns to cover (``"transformer.h.*.mlp.*"``; a pattern
+            also matches weight names, ``"*.weight"``); ``None`` = every projectable module.
+            A weight shared by several modules (tied embeddings) is covered once, by the first
+            of them. A pattern that matches nothing is an error listing the layers.
+        exclude: names or patterns of layers to leave out of that selection (e.g.
+            ``["*embeddings*"]``).
         init: ``"random"`` or ``"pca"`` (top eigenvectors of ``covariances``).
         distribution: ``"gaussian"`` or ``"rademacher"``, entries scaled by ``1/sqrt(k)``.
         covariances: for ``init="pca"``: ``{layer: {"A": [in', in'], "S": [out, out]}}``, the
@@ -328,11 +341,23 @@ def logra(
             gradients, e.g. KFAC factors.
     """
     found = projectable_layers(model)
-    names = list(found) if layers is None else _check_names(model, found, layers)
-    names = _untied(model, found, names, explicit=layers is not None)
+    literal = layers is not None and not any(is_pattern(p) for p in _names(layers, "layers"))
+    if layers is None:
+        names = list(found)
+    elif literal:
+        names = _check_names(model, found, layers)
+    else:
+        _check_names(model, found, [p for p in layers if not is_pattern(p)])
+        names = select(found, layers)
+    if exclude is not None:
+        dropped = set(select(found, _names(exclude, "exclude"), what="exclude"))
+        names = [n for n in names if n not in dropped]
+    names = _untied(model, found, names, explicit=literal)
     if not names:
-        raise ValueError(f"{type(model).__name__} has no projectable layer")
+        raise ValueError(f"{type(model).__name__} has no projectable layer left to cover")
     specs = {name: found[name].with_ranks(*_ranks(rank, found[name], name)) for name in names}
+    if layers is None:
+        _warn_large_embeddings(specs)
     if init == "random":
         if covariances is not None:
             raise ValueError("covariances are only used with init='pca'")
@@ -345,9 +370,31 @@ def logra(
     return ProjectionSpec(seed, distribution, specs, {n: b for n, b in pca.items() if b})
 
 
+def _names(names: list[str], what: str) -> list[str]:
+    if isinstance(names, str):
+        raise TypeError(f"{what} must be a list of module names or patterns, not a string")
+    return list(names)
+
+
+def _warn_large_embeddings(specs: dict[str, LayerSpec]) -> None:
+    """Warn, with the figures, about default-covered embeddings of over 1 MiB per example."""
+    size = row_size(specs)
+    large = [
+        n
+        for n, layer in specs.items()
+        if layer.kind == "embedding" and size.floats[n] > LARGE_EMBEDDING_FLOATS
+    ]
+    if large:
+        each = ", ".join(f"{n} {human(size.bytes[n])}" for n in large)
+        warnings.warn(
+            f"logra covers large embeddings by default: {each} of every example's "
+            f"{human(size.total_bytes)} row (float32); leave them out with exclude={large} "
+            "or choose a smaller rank",
+            stacklevel=3,
+        )
+
+
 def _check_names(model: nn.Module, found: dict[str, LayerSpec], layers: list[str]) -> list[str]:
-    if isinstance(layers, str):
-        raise TypeError("layers must be a list of module names, not a string")
     modules = dict(model.named_modules())
     for name in layers:
         if name in found:

@@ -162,6 +162,44 @@ def test_influence_matches_a_dense_inverse(trainer, tmp_path, method):
     torch.testing.assert_close(selfs.double() / scale, expected_self / scale, rtol=0, atol=2e-4)
 
 
+def second_token_loss(outputs, labels):
+    """A query measurement other than the training loss: the loss of token 1 given token 0."""
+    return F.cross_entropy(outputs.logits[:, 0], labels[:, 1], reduction="sum")
+
+
+def test_a_query_measurement_replaces_the_training_loss_for_queries_only(trainer, tmp_path):
+    options = AttributionArguments(
+        store=str(tmp_path / "log"),
+        rank=None,
+        layers=DENSE_LAYERS,
+        method="none",
+        measurement=second_token_loss,
+        progress=False,
+    )
+    attribution = Attribution(trainer, options)
+    scores = attribution.influence(QUERIES)
+    best = attribution.top_k(QUERIES, k=3)
+
+    model, weights = (
+        trainer.model.eval(),
+        [dict(trainer.model.named_modules())[n].weight for n in DENSE_LAYERS],
+    )
+    g_query = []  # hand-written measurement, one query at a time
+    for ex in QUERIES:
+        logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0]
+        loss = F.cross_entropy(logits[0], torch.tensor(ex["labels"][1]), reduction="sum")
+        g_query.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, weights)]))
+    g_query = torch.stack(g_query).double()
+    train = reference_grads(model, TRAIN, DENSE_LAYERS)  # training rows keep the training loss
+    g_train = torch.cat([train[n].flatten(1) for n in DENSE_LAYERS], 1).double()
+    expected = g_query @ g_train.T
+    scale = expected.abs().max()
+    torch.testing.assert_close(scores.double() / scale, expected / scale, rtol=0, atol=2e-4)
+    assert best.ids.tolist() == expected.topk(3, dim=1).indices.tolist()
+    plain = Attribution(trainer, AttributionArguments(**{**options.__dict__, "measurement": None}))
+    assert (plain.influence(QUERIES) - scores).abs().max() > 0.1 * scale  # not the same scores
+
+
 def test_a_duplicated_training_sequence_ranks_itself_first(trainer, tmp_path):
     options = AttributionArguments(store=str(tmp_path / "log"), rank=8, progress=False)
     attribution = Attribution(trainer, options)  # EKFAC, true Fisher, dot products

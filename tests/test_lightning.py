@@ -51,7 +51,7 @@ def loader():
     return DataLoader(data, batch_size=5)
 
 
-def trainer(tmp_path, callbacks, logger=False):
+def trainer(tmp_path, callbacks, logger=False, **options):
     return pl.Trainer(
         accelerator="cpu",
         max_epochs=1,
@@ -62,6 +62,7 @@ def trainer(tmp_path, callbacks, logger=False):
         enable_model_summary=False,
         log_every_n_steps=1,
         default_root_dir=tmp_path,
+        **options,
     )
 
 
@@ -193,6 +194,30 @@ def test_training_steps_logged_on_the_weights_of_the_step_and_training_unaffecte
         want = lf.projected_grads(module, weights, batch, spec)
         for name in spec.layers:
             torch.testing.assert_close(rows[name], want[name].float())
+
+
+def test_every_accumulated_batch_of_a_logged_step_is_logged(tmp_path):
+    torch.manual_seed(0)
+    module = Classifier()
+    spec = lf.logra(module, rank=3, seed=2)
+    snapshots = Snapshots()
+    callback = LogStoreCallback(
+        str(tmp_path / "step{step}"), spec, stages=["train"], every_n_train_steps=1
+    )
+    t = trainer(tmp_path, [snapshots, callback], accumulate_grad_batches=2)  # 4 batches, 2 steps
+    t.fit(module, train_dataloaders=loader())
+    assert t.global_step == 2
+    batches = list(loader())
+    for step in (1, 2):
+        weights, _ = snapshots.weights[step]
+        store = lf.LogStore.open(str(tmp_path / f"step{step}"))
+        mine = batches[2 * step - 2 : 2 * step]  # the two batches accumulated into this step
+        ids = torch.cat([batch_content_ids(b) for b in mine])
+        assert sorted(store.ids().tolist()) == sorted(ids.tolist())  # 10 rows, none missing
+        rows = store.read(ids)
+        for name in spec.layers:  # a loop of projected_grads on the weights after the step
+            want = torch.cat([lf.projected_grads(module, weights, b, spec)[name] for b in mine])
+            torch.testing.assert_close(rows[name], want.float())
 
 
 def test_bad_options_are_named():

@@ -1,5 +1,7 @@
 """The pipeline over a loader, and the main job end to end."""
 
+import re
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -90,3 +92,25 @@ def test_log_dataset_twice_into_one_store_url(tmp_path):
     first = log_dataset(model, params, loader, spec, url, progress=False)
     again = log_dataset(model, params, loader, spec, url, progress=False)
     assert len(again) == len(first) and again.committed_ids() == first.committed_ids()
+
+
+def test_progress_bars_know_their_totals(capsys):
+    model, params, x, y = small_problem()
+    loader = DataLoader(TensorDataset(x, y), batch_size=20)  # 3 batches
+    spec = lf.logra(model, rank=2)
+    store = log_dataset(model, params, loader, spec, "memory://bars/train", progress=True)
+    fit_curvature(model, params, loader, spec, method="ekfac", progress=True)
+    lf.query_grads(model, params, loader, spec, progress=True)
+    lf.self_influence(store, progress=True)
+    bars = re.split(r"[\r\n]+", capsys.readouterr().err)
+    for name, done in [
+        ("logging", 3),
+        ("KFAC", 3),
+        ("EKFAC", 3),
+        ("queries", 3),
+        ("self-influence", 50),
+    ]:
+        assert any(re.match(rf"{name}: 100%\|.*\| {done}/{done} ", bar) for bar in bars), (
+            name,
+            bars,
+        )

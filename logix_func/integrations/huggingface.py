@@ -38,8 +38,14 @@ from ..influence import Mode, TopK
 from ..influence import influence as influence_scores
 from ..influence import self_influence as self_scores
 from ..origin import provenance, weights_fingerprint
-from ..pipeline import fit_curvature, log_dataset, open_store, position_ids, store_schema
-from ..projected import projected_grads
+from ..pipeline import (
+    fit_curvature,
+    log_dataset,
+    open_store,
+    position_ids,
+    query_grads,
+    store_schema,
+)
 from ..projection import ProjectionSpec, logra
 from ..store import LogStore
 
@@ -58,7 +64,9 @@ class AttributionArguments:
             weights: logging other weights into it is refused.
         rank: LoGra rank ``k`` per side, ``(k_out, k_in)``, or ``None`` for full gradients.
         seed: seed of the projection matrices (and of the sampled labels of the true Fisher).
-        layers: module names to cover; ``None`` = every projectable layer.
+        layers: module names or glob patterns to cover (``"model.layers.*.mlp.*"``,
+            ``"*.weight"``); ``None`` = every projectable layer.
+        exclude: names or patterns of layers to leave out (e.g. ``["*embed*"]``).
         method: curvature: ``"ekfac"``, ``"kfac"``, ``"raw"`` (full covariance of each layer's
             projected gradient) or ``"none"`` (plain gradient dot products).
         fisher: ``"true"`` (sampled labels), ``"empirical"`` (the data's) or ``"exact"``.
@@ -71,12 +79,16 @@ class AttributionArguments:
             first process of each machine only.
         loss_fn: ``loss_fn(outputs, labels)`` → loss of one example; ``None`` = the model's
             token cross-entropy summed over tokens (causal shift for ``*ForCausalLM``).
+        measurement: what is attributed for a query, with ``loss_fn``'s signature: loss-like
+            (lower is better), e.g. the loss of a completion only or ``-margin``; ``None`` =
+            ``loss_fn``. Only query rows use it; training rows and curvature use ``loss_fn``.
     """
 
     store: str | None = None
     rank: int | tuple[int, int] | None = 64
     seed: int = 0
     layers: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
     method: Method = "ekfac"
     fisher: Fisher = "true"
     damping: float | None = None
@@ -85,6 +97,7 @@ class AttributionArguments:
     batch_size: int | None = None
     progress: bool | None = None
     loss_fn: Callable[[Any, Tensor], Tensor] | None = None
+    measurement: Callable[[Any, Tensor], Tensor] | None = None
 
     def __post_init__(self):
         if self.method not in ("kfac", "ekfac", "raw", "none"):
@@ -145,8 +158,9 @@ class Attribution:
     @property
     def spec(self) -> ProjectionSpec:
         """The LoGra projection (derived from the options; nothing random is stored)."""
-        layers = None if self.args.layers is None else list(self.args.layers)
-        return logra(self.model, self.args.rank, seed=self.args.seed, layers=layers)
+        a = self.args
+        layers, exclude = (None if x is None else list(x) for x in (a.layers, a.exclude))
+        return logra(self.model, a.rank, seed=a.seed, layers=layers, exclude=exclude)
 
     @property
     def store_url(self) -> str:
@@ -245,16 +259,23 @@ class Attribution:
         return make_preconditioner(self.fit_curvature(), self.args.damping)
 
     def grads(self, dataset: Any) -> Rows:
-        """Projected gradients ``{layer: [n, k_out, k_in]}`` of ``dataset``'s examples."""
-        model, spec = self.model, self.spec
-        parts = []
+        """Projected gradients ``{layer: [n, k_out, k_in]}`` of ``dataset``'s examples' losses
+        (``loss_fn``, as the training rows)."""
+        return self._grads(dataset, self.args.loss_fn)
+
+    def query_grads(self, queries: Any) -> Rows:
+        """Projected gradients ``{layer: [Q, k_out, k_in]}`` of the queries' ``measurement``
+        (``loss_fn`` when it is ``None``): the query rows of :meth:`influence` and
+        :meth:`top_k`."""
+        measurement = self.args.measurement
+        return self._grads(queries, self.args.loss_fn if measurement is None else measurement)
+
+    def _grads(self, dataset: Any, measurement: Any) -> Rows:
+        model = self.model
         with eval_mode(model):
             params = dict(model.named_parameters())
-            for batch in self.loader(dataset):
-                parts.append(projected_grads(model, params, batch, spec, loss_fn=self.args.loss_fn))
-        if not parts:
-            raise ValueError("the query set is empty")
-        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+            loader = self.loader(dataset)
+            return query_grads(model, params, loader, self.spec, measurement=measurement)
 
     # the answers
 
@@ -268,7 +289,7 @@ class Attribution:
         """
         store, group = self.extract_log(), self.group
         scores = influence_scores(
-            self.grads(queries),
+            self.query_grads(queries),
             store_part(store, group),
             preconditioner=self.preconditioner(),
             mode=mode,
@@ -292,7 +313,7 @@ class Attribution:
         self._order(store)  # the log holds the training set
         part = store_part(store, group)
         scores = influence_scores(
-            self.grads(queries),
+            self.query_grads(queries),
             part,
             preconditioner=self.preconditioner(),
             mode=mode,

@@ -1,10 +1,11 @@
 """A PyTorch Lightning callback that logs projected gradients (and captures) to a LogStore.
 
 ``LogStoreCallback`` runs its own functional pass on the batches Lightning hands to
-``on_predict_batch_end`` / ``on_validation_batch_end`` (or to ``on_train_batch_end`` every
-``every_n_train_steps`` optimizer steps), on the module's current weights, detached: the
+``on_predict_batch_end`` / ``on_validation_batch_end`` (or to ``on_train_batch_end``: every
+batch of every ``every_n_train_steps``-th optimizer step, all the accumulated batches of the
+step, on the weights after it), on the module's current weights, detached: the
 training step's loss, gradients, optimizer, loggers and checkpoints never see it. Needs the
-``lightning`` extra (``pip install logix-func[lightning]``).
+``lightning`` extra (``pip install -e ".[lightning]"`` in a clone).
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class LogStoreCallback(pl.Callback):
             several steps and records none.
         spec: the :class:`~logix_func.projection.ProjectionSpec` of ``model``'s layers.
         stages: when to log: any of ``"predict"``, ``"validate"``, ``"train"``.
-        every_n_train_steps: with ``"train"``, log the batch that ends every N-th optimizer
-            step (on the weights after that step).
+        every_n_train_steps: with ``"train"``, log every batch of every N-th optimizer step
+            (all of them under gradient accumulation), on the weights after that step.
         model: ``model(pl_module)`` → the ``nn.Module`` the spec was built for (default: the
             LightningModule itself); only called functionally.
         batch_fn: ``batch_fn(batch)`` → an ``(inputs, targets)`` or ``labels`` dict batch
@@ -106,7 +107,8 @@ class LogStoreCallback(pl.Callback):
         self.loss_fn, self.dtype = loss_fn, dtype
         self.state: dict | None = None
         self.stores: dict[str, LogStore] = {}
-        self._logged_step: int | None = None
+        self._step = 0  # global_step when the current training batch started
+        self._pending: list[tuple[Any, Any]] = []  # (ids, batch) of the step in progress
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -118,11 +120,18 @@ class LogStoreCallback(pl.Callback):
         if "validate" in self.stages and not trainer.sanity_checking:
             self.log_batch(trainer, pl_module, batch)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if "train" in self.stages and step % self.every == 0 and step != self._logged_step:
-            self._logged_step = step
-            self.log_batch(trainer, pl_module, batch)
+        """Keep the batches of a step to log; log them once the step has updated the weights."""
+        if "train" not in self.stages or (self._step + 1) % self.every:
+            return
+        self._pending.append((None if self.ids is None else self.ids(batch), batch))
+        if trainer.global_step != self._step:  # the optimizer stepped after this batch
+            pending, self._pending = self._pending, []
+            for ids, kept in pending:
+                self.log_batch(trainer, pl_module, kept, ids)
 
     def on_predict_end(self, trainer, pl_module):
         self.flush()
@@ -135,10 +144,18 @@ class LogStoreCallback(pl.Callback):
 
     # ------------------------------------------------------------------ logging
 
-    def log_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        """Compute and append the rows of one batch (a separate, detached functional pass)."""
+    def log_batch(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        data_ids: Tensor | list | None = None,
+    ) -> None:
+        """Compute and append the rows of one batch (a separate, detached functional pass);
+        ``data_ids`` default to ``ids(batch)``."""
         model = self.model_of(pl_module)
-        data_ids = None if self.ids is None else self.ids(batch)
+        if data_ids is None and self.ids is not None:
+            data_ids = self.ids(batch)
         # Lightning evaluates under inference_mode: leave it and copy inference tensors
         with torch.inference_mode(False), torch.enable_grad():
             batch = tree_map(_usable, self.batch_fn(batch))
