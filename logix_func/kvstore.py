@@ -7,6 +7,7 @@ Values share the stores' resource context, so ``memory://run/kfac.pt`` lives bes
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,7 +15,7 @@ import tensorstore as ts
 
 from .store.layout import _context, kvstore_spec, wait
 
-Location = str | Mapping[str, Any]
+Location = str | os.PathLike | Mapping[str, Any]
 
 
 def join(location: Location, name: str) -> Location:
@@ -22,13 +23,13 @@ def join(location: Location, name: str) -> Location:
     if isinstance(location, Mapping):
         spec = kvstore_spec(location)
         return {**spec, "path": spec["path"] + name}
-    return f"{location.rstrip('/')}/{name}"
+    return f"{os.fspath(location).rstrip('/')}/{name}"
 
 
 def describe(location: Location) -> str:
     """A short name of a location for messages: the URL, or the spec's URL form."""
     if not isinstance(location, Mapping):
-        return location
+        return os.fspath(location)
     spec = kvstore_spec(location)
     where = f"{spec['driver']}://{spec.get('bucket', '')}/{spec['path']}".replace(":///", "://")
     return where + (f" at {spec['endpoint']}" if spec.get("endpoint") else "")

@@ -55,6 +55,8 @@ def kvstore_spec(url: str | Mapping[str, Any]) -> dict:
     uses conditional PUTs only on AWS endpoints and a check-then-write elsewhere, under which
     two processes could both take a writer's lease (see ``lock.py``).
     """
+    if isinstance(url, os.PathLike):
+        url = os.fspath(url)
     if isinstance(url, Mapping):
         try:
             spec = ts.KvStore.Spec(dict(url)).to_json()

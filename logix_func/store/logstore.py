@@ -308,6 +308,50 @@ class LogStore:
         """A map-style ``torch.utils.data.Dataset`` over the committed rows (see LogDataset)."""
         return LogDataset(self.url, self._snap().counts, layers)
 
+    # what the store holds
+
+    @property
+    def spec(self) -> Any:
+        """The :class:`~logix_func.ProjectionSpec` the rows were computed with (``None`` if the
+        schema records none; the raw dict if it is not a ProjectionSpec's)."""
+        from ..projection import ProjectionSpec
+
+        data = self.schema.spec
+        if data is None:
+            return None
+        try:
+            return ProjectionSpec.from_dict(data)
+        except (ValueError, KeyError, TypeError):
+            return data
+
+    @property
+    def provenance(self) -> dict[str, str | None]:
+        """``{"spec": tag, "weights": fingerprint, "loss": name}`` recorded by the schema
+        (``None`` entries where it records none); influence checks it against the query."""
+        from ..origin import store_provenance
+
+        return store_provenance(self)
+
+    @property
+    def layers(self) -> dict[str, tuple[int, ...]]:
+        """Row shape per layer, ``{layer: shape}``."""
+        return dict(self.schema.layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stored rows' dtype."""
+        return self.schema.dtype
+
+    @property
+    def writers(self) -> dict[int, int]:
+        """Committed rows per writer id, ``{writer: rows}`` (writers with rows only)."""
+        return dict(self._snap().counts)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the committed rows, uncompressed (ids excluded): rows × row bytes."""
+        return len(self) * sum(self.schema.row_sizes.values()) * self.schema.dtype.itemsize
+
     def __repr__(self) -> str:
         mode = "a" if self._shard is not None else "r"
         layers = list(self.schema.layers)
