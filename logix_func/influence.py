@@ -291,7 +291,11 @@ def _stored_scores(
         try:
             scores = ts.open(spec, open=True, context=_context(durable=True)).result()
         except ValueError as e:
-            raise FileNotFoundError(f"no scores array at {scores!r}: {e}") from None
+            problem = "it holds no zarr.json" if "NOT_FOUND" in str(e) else str(e).split("[")[0]
+            raise FileNotFoundError(
+                f"no scores array at {scores!r} ({problem}): write one with "
+                "influence(..., out=) or 'logix-func score'"
+            ) from None
     origin = scores.spec().to_json()["metadata"].get("attributes", {}).get(ATTRS_NAME, {})
     origin = origin.get("scores", {})
     total = scores.shape[1]
