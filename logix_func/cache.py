@@ -99,6 +99,11 @@ def curvature_record(
     seed), with the package version."""
     from . import __version__
 
+    if iter(loader) is loader:
+        raise TypeError(
+            "fit_curvature(cache=...) reads the data twice (its hash, then the fit): pass a "
+            f"DataLoader or a list of batches, not a one-shot {type(loader).__name__}"
+        )
     return {
         "weights": weights_fingerprint(model, params),
         "spec": spec_hex(spec),

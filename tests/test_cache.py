@@ -67,6 +67,8 @@ def test_fit_curvature_cache_hits_and_misses_on_any_change(tmp_path):
     assert len(os.listdir(cache)) == 4  # every entry kept beside the others
     fit(trained)
     assert calls == []
+    with pytest.raises(TypeError, match="reads the data twice.*not a one-shot generator"):
+        fit(loader=(batch for batch in loader))
 
 
 def test_self_influence_cache_skips_the_store_and_tracks_the_damping(tmp_path):
