@@ -182,7 +182,7 @@ def influence(
     chunk_rows: int = 4096,
     per_layer: bool = False,
     progress: bool | None = None,
-    out: str | None = None,
+    out: str | Mapping[str, Any] | None = None,
     query_provenance: Provenance | None = None,
 ) -> Float[Tensor, "queries train"] | dict[str, Float[Tensor, "queries train"]] | ts.TensorStore:
     """Scores ``[Q, N]`` of every training row for every query row.
@@ -200,12 +200,12 @@ def influence(
         chunk_rows: training rows scored per matmul.
         per_layer: return ``{layer: [Q, N]}`` whose sum is the total (mode ``"dot"``).
         progress: show a progress bar (default: for more than 50,000 rows).
-        out: a local path or tensorstore URL: write the scores there chunk by chunk (a float32
-            zarr3 array ``[Q, N]``, columns in the order of ``train``'s rows, e.g.
-            ``store.ids()``) instead of holding them in memory; returns the opened array.
-            The URL must hold nothing yet: existing data is never replaced. The array's
-            attributes record the mode and the provenance of the query, the store and the
-            preconditioner (``attributes["logix_func"]["scores"]``).
+        out: a local path, tensorstore URL or kvstore spec: write the scores there chunk by
+            chunk (a float32 zarr3 array ``[Q, N]``, columns in the order of ``train``'s rows,
+            e.g. ``store.ids()``; :func:`top_k` reads it back) instead of holding them in
+            memory; returns the opened array. The URL must hold nothing yet: existing data
+            is never replaced. The array's attributes record the mode and the provenance of
+            the query, the store and the preconditioner (``attributes["logix_func"]["scores"]``).
         query_provenance: what produced the query rows, ``lf.provenance(model, params, spec,
             loss_fn=...)``: checked against the store's and the preconditioner's spec and
             weights. A store and a preconditioner are always checked against each other.

@@ -91,7 +91,7 @@ class LogStore:
     @classmethod
     def create(
         cls,
-        url: str,
+        url: str | Mapping[str, Any],
         schema: StoreSchema,
         *,
         writer: int = 0,
@@ -103,7 +103,8 @@ class LogStore:
         """Create a store at ``url`` and open it for appending as ``writer``.
 
         Args:
-            url: local path, ``memory://name`` or any tensorstore kvstore URL (``gs://``, ...).
+            url: local path, ``memory://name``, any tensorstore kvstore URL (``gs://``,
+                ``s3://``...) or a kvstore spec dict (e.g. an S3 server's ``endpoint``).
             schema: the rows' layout, see :class:`StoreSchema`.
             writer: this process's shard (e.g. its rank); one process per writer id at a time.
             exist_ok: open an existing store instead of failing, if its schema is ``schema``.
@@ -137,7 +138,7 @@ class LogStore:
     @classmethod
     def open(
         cls,
-        url: str,
+        url: str | Mapping[str, Any],
         mode: Literal["r", "a"] = "r",
         *,
         writer: int = 0,
