@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -138,3 +139,27 @@ def test_check_then_write_leases_are_announced(s3):
     ):
         store.append([1, 2], {"g": torch.ones(2, 2)})
     assert LogStore.open(spec).ids().tolist() == [1, 2]
+
+
+def test_of_two_racing_openers_of_a_writer_id_one_wins(s3):
+    """With tensorstore's check-then-write (use_conditional_write off) both openers took the
+    lease in about a third of such races, caught only when both created the shard's arrays."""
+    schema = lf.StoreSchema(layers={"g": (2,)})
+    for trial in range(10):
+        spec, start, outcomes = s3(f"race{trial}/"), threading.Barrier(2), []
+
+        def open_writer(spec=spec, start=start, outcomes=outcomes):
+            start.wait()
+            try:
+                outcomes.append(LogStore.create(spec, schema, writer=0, exist_ok=True))
+            except Exception as e:  # noqa: BLE001 (the loser must get WriterConflictError)
+                outcomes.append(e)
+
+        threads = [threading.Thread(target=open_writer) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        kinds = sorted(type(o).__name__ for o in outcomes)
+        assert kinds == ["LogStore", "WriterConflictError"], outcomes
+        next(o for o in outcomes if isinstance(o, LogStore)).close()
