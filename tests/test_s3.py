@@ -152,7 +152,7 @@ def test_of_two_racing_openers_of_a_writer_id_one_wins(s3):
             start.wait()
             try:
                 outcomes.append(LogStore.create(spec, schema, writer=0, exist_ok=True))
-            except Exception as e:  # noqa: BLE001 (the loser must get WriterConflictError)
+            except Exception as e:  # the loser must get WriterConflictError, nothing else
                 outcomes.append(e)
 
         threads = [threading.Thread(target=open_writer) for _ in range(2)]
