@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preconditioner", choices=["ekfac", "kfac", "raw", "identity"], default="ekfac"
     )
-    p.add_argument("--fisher", choices=["true", "empirical", "exact"], default="true")
+    p.add_argument("--fisher", choices=["auto", "true", "empirical", "exact"], default="auto")
     p.add_argument(
         "--damping",
         type=float,

@@ -139,7 +139,7 @@ def fit_curvature(
     spec: Any,
     *,
     method: Literal["kfac", "ekfac", "raw"] = "ekfac",
-    fisher: Fisher = "true",
+    fisher: Fisher = "auto",
     seed: int = 0,
     loss_fn: Any = None,
     progress: bool = True,
@@ -147,8 +147,10 @@ def fit_curvature(
 ) -> dict[str, Any]:
     """Curvature factors of ``model`` over ``loader`` (one pass; two for EKFAC).
 
-    Batch ``i`` draws its labels with seed ``seed + i`` (``fisher="true"``), the same in both
-    EKFAC passes, so the eigenvalue correction sees the labels the factors were fitted on.
+    ``fisher="auto"`` takes the exact expectation over the labels where that is cheap (few
+    classes, see :func:`logix_func.fisher_logs`) and samples them elsewhere. Batch ``i`` draws
+    its labels with seed ``seed + i`` (``fisher="true"``), the same in both EKFAC passes, so
+    the eigenvalue correction sees the labels the factors were fitted on.
 
     With a process ``group`` every rank passes the same loader and accumulates its batches
     (``i % world == rank``, still seeded ``seed + i``); the states are summed over the ranks

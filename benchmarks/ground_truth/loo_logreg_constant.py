@@ -5,8 +5,9 @@ The recipe of a "sum of losses" user: 65 inputs (the 64 pixels and a constant 1,
 α = 1 on the *summed* cross-entropy, i.e. ``l2 = α / N`` on the mean that `digits` minimises.
 Split: `digits.digits_split(seed=SPLIT_SEED)`, another permutation than the reference one.
 100 removed training examples × 20 test points, all drawn at random (the reference task picks
-high-loss examples, whose large effects any curvature predicts), each removal retrained exactly (warm-started L-BFGS, then Newton to
-max |grad| <= 1e-12); see `benchmarks.ground_truth.loo_logreg` for the stored fields.
+high-loss examples, whose large effects any curvature predicts), each removal retrained
+exactly (warm-started L-BFGS, then Newton to max |grad| <= 1e-12); the stored fields are
+those of `benchmarks.ground_truth.loo_logreg`.
 
     python -m benchmarks.ground_truth.loo_logreg_constant [--out tests/data/loo_logreg_constant.npz]
 """

@@ -58,7 +58,8 @@ class AttributionArguments:
         layers: module names to cover; ``None`` = every projectable layer.
         method: curvature: ``"ekfac"``, ``"kfac"``, ``"raw"`` (full covariance of each layer's
             projected gradient) or ``"none"`` (plain gradient dot products).
-        fisher: ``"true"`` (sampled labels), ``"empirical"`` (the data's) or ``"exact"``.
+        fisher: ``"auto"`` (exact where cheap, else sampled), ``"true"`` (sampled labels),
+            ``"empirical"`` (the data's) or ``"exact"``.
         damping: ``None`` = 0.1 × the mean eigenvalue per layer; a float is absolute.
         dtype: dtype of the stored rows.
         ids: ``"index"`` (dataset positions) or ``ids(batch, offset) -> Tensor [B]`` of the
@@ -75,7 +76,7 @@ class AttributionArguments:
     seed: int = 0
     layers: Sequence[str] | None = None
     method: Method = "ekfac"
-    fisher: Fisher = "true"
+    fisher: Fisher = "auto"
     damping: float | None = None
     dtype: torch.dtype = torch.float32
     ids: Literal["index"] | Callable[[Any, int], Tensor] = "index"
