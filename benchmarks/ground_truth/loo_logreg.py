@@ -41,6 +41,33 @@ def pick(losses: torch.Tensor, n_high: int, n_random: int, rng: np.random.Genera
     return np.sort(np.concatenate([high, rng.choice(rest, n_random, replace=False)]))
 
 
+def loo_deltas(
+    split: digits.DigitsSplit,
+    params: dict,
+    l2: float,
+    removed: np.ndarray,
+    test: np.ndarray,
+    *,
+    mean_over_rest: bool = False,
+) -> np.ndarray:
+    """``[Q, M]``: test loss q after retraining without ``removed[m]`` minus before.
+
+    Removal zeroes the example's weight in the mean over N (``l2 * N / (N - 1)`` on the mean
+    over the rest), or with ``mean_over_rest`` keeps ``l2`` on the mean over the N - 1 others.
+    """
+    n = len(split.train_y)
+    model = digits.logreg_model(inputs=split.train_x.shape[1], bias="bias" in params)
+    test_x, test_y = split.test_x[test], split.test_y[test]
+    before = digits.per_example_loss(model, params, test_x, test_y)
+    reg = l2 if mean_over_rest else l2 * n / (n - 1)
+    delta = np.zeros((len(test), len(removed)))
+    for m, i in enumerate(removed):
+        keep = torch.arange(n) != int(i)
+        loo = digits.train_logreg(split.train_x[keep], split.train_y[keep], reg, init=params)
+        delta[:, m] = (digits.per_example_loss(model, loo, test_x, test_y) - before).numpy()
+    return delta
+
+
 def exact_influence(params, split, removed, test, l2) -> np.ndarray:
     """``g_qᵀ H⁻¹ g_i`` for each test q and removed i: ``[Q, M]``, float64."""
     model = digits.logreg_model(inputs=split.train_x.shape[1], bias="bias" in params)
@@ -93,17 +120,10 @@ def generate(
     test_loss_all = digits.per_example_loss(model, params, split.test_x, split.test_y)
     removed = pick(train_loss, counts[0], counts[1], rng)
     test = pick(test_loss_all, counts[2], counts[3], rng)
-    test_x, test_y = split.test_x[test], split.test_y[test]
     test_loss = test_loss_all[test]
 
-    delta = np.zeros((len(test), len(removed)))
-    delta_mean = np.zeros_like(delta)
-    for m, i in enumerate(removed):
-        keep = torch.arange(n) != int(i)
-        x, y = split.train_x[keep], split.train_y[keep]
-        for out, reg in [(delta, l2 * n / (n - 1)), (delta_mean, l2)]:
-            loo = digits.train_logreg(x, y, reg, init=params)
-            out[:, m] = (digits.per_example_loss(model, loo, test_x, test_y) - test_loss).numpy()
+    delta = loo_deltas(split, params, l2, removed, test)
+    delta_mean = loo_deltas(split, params, l2, removed, test, mean_over_rest=True)
 
     predicted = exact_influence(params, split, removed, test, l2) / n
     np.savez_compressed(
