@@ -28,7 +28,7 @@ from ..grads import split_weights
 from ..projected import projected_grads
 from .kfac import FISHERS, Fisher
 
-EXACT_MAX_OUTPUTS = 32
+EXACT_MAX_OUTPUTS = 16
 
 
 def _with_targets(batch: Any, targets: Tensor) -> Any:
