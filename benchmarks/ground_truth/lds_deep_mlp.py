@@ -20,6 +20,11 @@ independent five-seed ground truths; ``sqrt(reliability)`` bounds the LDS any at
 reach against this one (its correlation with the noise-free expected outputs).
 
     python -m benchmarks.ground_truth.lds_deep_mlp [--out tests/data/lds_deep_mlp.npz]
+
+The retrainings run in parts of `PART` subsets, each saved next to ``--out`` as it finishes
+(``OUT.partSTART.npz``) and skipped when present, so a run resumes where it stopped; with
+``--worker K --workers W`` a process does only parts ``K, K + W, …`` and exits, so two
+processes can share the work before a plain run assembles the file.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,7 +43,7 @@ from logix_func import digits
 from logix_func.metrics import lds, spearman
 
 SPLIT_SEED, SUBSET_SEED = 7, 7
-N_SUBSETS, SEEDS, CHUNK = 256, (0, 1, 2, 3, 4), 8
+N_SUBSETS, SEEDS, CHUNK, PART = 256, (0, 1, 2, 3, 4), 8, 16
 MLP = {"width": 128, "depth": 2}
 
 
@@ -53,15 +59,39 @@ def split_half_reliability(per_seed: np.ndarray) -> tuple[float, float]:
     return r_half, 2 * r_half / (1 + r_half)
 
 
+def retrain_parts(split, masks, out: str, worker: int = 0, workers: int = 1) -> None:
+    """Retrain the subsets of every missing part ``i`` with ``i % workers == worker``."""
+    for i, start in enumerate(range(0, len(masks), PART)):
+        path = Path(f"{out}.part{start}.npz")
+        if i % workers != worker or path.exists():
+            continue
+        losses, margins = retrain_outputs(
+            split,
+            masks[start : start + PART],
+            SEEDS,
+            CHUNK,
+            (digits.per_example_loss, digits.per_example_margin),
+            **MLP,
+        )
+        np.savez(path, loss=losses.astype(np.float32), margin=margins.astype(np.float32))
+        print(f"part {start}: subsets {start}..{start + len(losses) - 1} saved", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tests/data/lds_deep_mlp.npz")
     parser.add_argument("--subsets", type=int, default=N_SUBSETS)
+    parser.add_argument("--worker", type=int, default=None, help="do only this worker's parts")
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small matrices: a second thread only adds contention
     start = time.perf_counter()
 
     split = digits.digits_split(torch.float32, seed=SPLIT_SEED)
+    masks = subset_masks(len(split.train_y), args.subsets, seed=SUBSET_SEED)
+    if args.worker is not None:
+        retrain_parts(split, masks, args.out, args.worker, args.workers)
+        return
     model = digits.mlp_model(**MLP)
     full = digits.train_mlps(split.train_x, split.train_y, list(SEEDS), **MLP)
     for k in range(len(SEEDS)):
@@ -71,15 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         accuracy = (margin > 0).float().mean()
         print(f"full MLP seed {k}: test loss {loss.mean():.4f}, accuracy {accuracy:.4f}")
 
-    masks = subset_masks(len(split.train_y), args.subsets, seed=SUBSET_SEED)
-    losses, margins = retrain_outputs(
-        split,
-        masks,
-        SEEDS,
-        CHUNK,
-        (digits.per_example_loss, digits.per_example_margin),
-        **MLP,
-    )
+    retrain_parts(split, masks, args.out)
+    parts = [np.load(f"{args.out}.part{s}.npz") for s in range(0, len(masks), PART)]
+    losses = np.concatenate([p["loss"] for p in parts])
+    margins = np.concatenate([p["margin"] for p in parts])
     elapsed = time.perf_counter() - start
     np.savez_compressed(
         args.out,
