@@ -132,7 +132,9 @@ def log_dataset(
     return store
 
 
-EKFAC_SEED_OFFSET = 2**32  # label seeds of the EKFAC pass: apart from any seed + i of the KFAC pass
+# Label seeds of the EKFAC pass, apart from the KFAC pass's seed + i (torch seeds its CPU generator
+# with 32 bits: an offset of 2**32 would repeat the same draws).
+EKFAC_SEED_OFFSET = 2**31
 
 
 def fit_curvature(

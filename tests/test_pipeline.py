@@ -62,6 +62,9 @@ def test_fit_curvature_equals_the_transforms_by_hand():
         draw = 5 + i + EKFAC_SEED_OFFSET  # the eigenvalue pass draws its own labels
         est = e.update(est, lf.fisher_logs(model, params, b, spec, fisher="true", seed=draw)[0])
     want = e.finalize(est)
+    kfac_draw = lf.sample_targets(model, params, batches[0], seed=5)[1]
+    ekfac_draw = lf.sample_targets(model, params, batches[0], seed=5 + EKFAC_SEED_OFFSET)[1]
+    assert not torch.equal(kfac_draw, ekfac_draw)  # independent draws in the two passes
     for name, f in want["layers"].items():
         for key, v in f.items():
             torch.testing.assert_close(got["layers"][name][key], v)
