@@ -2,7 +2,7 @@
 
 Run with the peers' python and this checkout first on the path:
 
-    PYTHONPATH=. /work/venv-peers/bin/python -m benchmarks.compare.ekfac_factors [--seeds 5]
+    PYTHONPATH=. .venv-peers/bin/python -m benchmarks.compare.ekfac_factors [--seeds 5]
 
 The problem is `benchmarks.ground_truth.loo_logreg_constant` (65 inputs incl. a constant, no
 bias, l2 = 1/N on the mean loss) with its stored leave-one-out ground truth
