@@ -2,14 +2,16 @@
 
 Everything here is deterministic and runs in float64 unless asked otherwise:
 
-- `digits_split`: a fixed train/test split of `load_digits` (1300 train, 497 test), pixels in
-  [0, 1].
+- `digits_split`: a seeded train/test split of `load_digits` (1300 train, 497 test), pixels in
+  [0, 1]; `SPLIT_SEED` is the reference split.
 - Logistic regression: a plain ``nn.Linear(64, 10)`` minimising
   ``logreg_objective = mean cross-entropy + (l2 / 2) * (||W||² + ||b||²)``. The bias is
   regularised too, which keeps the Hessian positive definite (softmax is unchanged when the same
   constant is added to every logit, so an unregularised bias leaves one flat direction).
   `train_logreg` minimises it with L-BFGS, then Newton steps, to max |gradient| <= 1e-12.
-- MLP: ``Linear(64, 32) → tanh → Linear(32, 10)`` minimising
+  Without a bias (``bias=False``), a constant input column (`with_constant`) plays its part.
+- MLP: ``Linear(64, 32) → tanh → Linear(32, 10)`` (``width`` and ``depth`` hidden layers are
+  options) minimising
   ``mlp_objective = mean cross-entropy + (weight_decay / 2) * ||θ||²`` with a fixed full-batch
   Adam schedule (`train_mlp`); only the initialisation depends on the seed.
 """
