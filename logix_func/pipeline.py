@@ -138,14 +138,22 @@ def fit_curvature(
     loader: Iterable[Any],
     spec: Any,
     *,
-    method: Literal["kfac", "ekfac", "raw"] = "ekfac",
-    fisher: Fisher = "true",
+    method: Literal["kfac", "ekfac", "raw", "ggn"] = "ekfac",
+    fisher: Fisher | None = None,
     seed: int = 0,
     loss_fn: Any = None,
     progress: bool = True,
     group: Group = None,
 ) -> dict[str, Any]:
     """Curvature factors of ``model`` over ``loader`` (one pass; two for EKFAC).
+
+    ``method``: ``"kfac"``, ``"ekfac"``, ``"raw"`` (covariance of the gradients under
+    ``fisher``) or ``"ggn"``: the exact per-layer Gauss-Newton matrix in the projected space,
+    ``(1/N) Σ_n Σ_c p_nc g_nc g_ncᵀ`` — :func:`~logix_func.raw` over the exact-Fisher
+    gradients (``[k, k]`` per layer, ``k = k_out·k_in``: for small models or LoGra ranks up
+    to ≈ 64). ``fisher`` defaults to ``"exact"`` for ``"ggn"`` (``"true"`` gives its
+    one-draw Monte-Carlo estimate; the empirical Fisher is not a GGN and is refused) and to
+    ``"true"`` otherwise.
 
     Batch ``i`` draws its labels with seed ``seed + i`` (``fisher="true"``), the same in both
     EKFAC passes, so the eigenvalue correction sees the labels the factors were fitted on.
@@ -157,6 +165,14 @@ def fit_curvature(
     """
     model = local_model(model)
     device = next(iter(params.values())).device
+    if method == "ggn":
+        if fisher == "empirical":
+            raise ValueError(
+                "method='ggn' needs the model's own label distribution: use fisher='exact' "
+                "(default) or 'true'; for the empirical Fisher's covariance use method='raw'"
+            )
+        fisher = fisher or "exact"
+    fisher = fisher or "true"
 
     def passes(desc: str):
         bar = tqdm(rank_batches(loader, group), desc=desc, unit="batch", disable=not progress)
@@ -169,14 +185,14 @@ def fit_curvature(
         factors = transform.finalize(all_reduce_state(state, group))
         return broadcast_state(factors, group)
 
-    if method == "raw":
+    if method in ("raw", "ggn"):
         transform = raw()
         state = transform.init(spec, device)
         for grads, _ in passes("raw covariance"):
             state = transform.update(state, grads)
         return finalize(transform, state)
     if method not in ("kfac", "ekfac"):
-        raise ValueError(f"method must be 'kfac', 'ekfac' or 'raw', got {method!r}")
+        raise ValueError(f"method must be 'kfac', 'ekfac', 'raw' or 'ggn', got {method!r}")
     k = kfac(fisher)
     state = k.init(spec, device)
     for _, logs in passes("KFAC"):

@@ -228,6 +228,35 @@ def test_raw_covariance_and_its_preconditioner_match_dense_algebra():
             torch.testing.assert_close(got[name][i], want)
 
 
+@pytest.mark.parametrize("rank", [None, 3])
+def test_ggn_method_is_the_dense_per_layer_ggn_in_the_projected_space(rank):
+    """``fit_curvature(method="ggn")`` = ``P B Pᵀ``, ``B`` the dense GGN block of the mean loss
+    and ``P = P_out ⊗ P_in``; its preconditioner solves against that matrix."""
+    from logix_func.pipeline import fit_curvature
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    params = dict(model.named_parameters())
+    spec = lf.logra(model, rank=rank, seed=1)
+    loader = list(zip(x.split(8), y.split(8)))
+    factors = fit_curvature(model, params, loader, spec, method="ggn", progress=False)
+    blocks = dense_ggn_blocks(model, x, y)
+    queries = lf.projected_grads(model, params, (x[:3], y[:3]), spec)
+    got = lf.preconditioner(factors, damping=1e-2)(queries)
+    for name, block in blocks.items():
+        p_out, p_in = spec.matrices(name)
+        p = torch.kron(p_out, p_in)
+        want = p @ block @ p.T
+        torch.testing.assert_close(
+            factors["layers"][name]["C"].double(), want, atol=1e-6, rtol=1e-4
+        )
+        for i in range(3):
+            solved = apply_dense(want, 1e-2, queries[name][i])
+            torch.testing.assert_close(got[name][i].double(), solved, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="method='ggn' needs the model's own label"):
+        fit_curvature(model, params, loader, spec, method="ggn", fisher="empirical")
+
+
 def test_bad_input_is_refused_clearly():
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
