@@ -25,6 +25,16 @@ from .distributed import (
     rank_batches,
     store_part,
 )
+from .ensemble import (
+    Member,
+    check_members,
+    ensemble_influence,
+    ensemble_influence_chunks,
+    ensemble_self_influence,
+    ensemble_top_k,
+    fit_members,
+    member_weights,
+)
 from .grads import per_sample_grads
 from .ids import DuplicateIdError, IndexedDataset, check_unique, content_ids, index_ids, string_ids
 from .influence import TopK, influence, influence_chunks, self_influence, top_k
@@ -45,6 +55,7 @@ __all__ = [
     "IndexedDataset",
     "LayerSpec",
     "LogStore",
+    "Member",
     "Preconditioner",
     "ProjectionSpec",
     "RunningStat",
@@ -54,12 +65,18 @@ __all__ = [
     "broadcast_state",
     "capture",
     "capture_shapes",
+    "check_members",
     "check_unique",
     "content_ids",
     "ekfac",
+    "ensemble_influence",
+    "ensemble_influence_chunks",
+    "ensemble_self_influence",
+    "ensemble_top_k",
     "exact_curvature",
     "fisher_logs",
     "fit_curvature",
+    "fit_members",
     "flatten_capture",
     "full_params",
     "gather_scores",
@@ -74,6 +91,7 @@ __all__ = [
     "log_dataset",
     "logra",
     "loo_correlation",
+    "member_weights",
     "merge_states",
     "model_fingerprint",
     "pearson",
