@@ -82,7 +82,7 @@ def _check_preconditioner(k: int, member: Member) -> None:
         )
     for name, factors in pre.layers.items():
         size = math.prod(shapes[name])
-        fitted = factors["Q"].shape[0] if "Q" in factors else factors["eigenvalues"].numel()
+        fitted = factors["C"].shape[0] if "C" in factors else factors["eigenvalues"].numel()
         if fitted != size:
             raise ValueError(
                 f"{_describe(k, member)}: layer {name!r} has rows of {size} entries, its "

@@ -186,10 +186,10 @@ def fit_curvature(
         return broadcast_state(factors, group)
 
     if method in ("raw", "ggn"):
-        transform = raw()
+        transform = raw(eigh=method == "raw")
         state = transform.init(spec, device)
-        for grads, _ in passes("raw covariance"):
-            state = transform.update(state, grads)
+        for grads, logs in passes(f"{method} covariance"):
+            state = transform.update(state, grads, logs)
         return finalize(transform, state)
     if method not in ("kfac", "ekfac"):
         raise ValueError(f"method must be 'kfac', 'ekfac', 'raw' or 'ggn', got {method!r}")

@@ -257,6 +257,29 @@ def test_ggn_method_is_the_dense_per_layer_ggn_in_the_projected_space(rank):
         fit_curvature(model, params, loader, spec, method="ggn", fisher="empirical")
 
 
+def test_raw_kronecker_route_and_cholesky_preconditioner_match_the_plain_ones():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    params = dict(model.named_parameters())
+    spec = lf.logra(model, rank=3, seed=2)
+    grads, logs = lf.fisher_logs(model, params, (x, y), spec, fisher="exact")
+    r = lf.raw(dtype=torch.float64)
+    plain = r.finalize(r.update(r.init(spec), grads))
+    bare = lf.raw(dtype=torch.float64, eigh=False)
+    kron = bare.finalize(bare.update(bare.init(spec), grads, logs))
+    queries = lf.projected_grads(model, params, (x[:4], y[:4]), spec)
+    for damping in (None, 1e-2):
+        want = lf.preconditioner(plain, damping)
+        got = lf.preconditioner(kron, damping)
+        assert got.damping == pytest.approx(want.damping)
+        for name, value in got(queries).items():
+            torch.testing.assert_close(kron["layers"][name]["C"], plain["layers"][name]["C"])
+            torch.testing.assert_close(value, want(queries)[name])
+    indefinite = {"spec": kron["spec"], "layers": {"0": {"C": -torch.eye(9)}}}
+    with pytest.raises(ValueError, match="layer '0': C \\+ λI is not positive definite"):
+        lf.preconditioner(indefinite, damping=0.5)
+
+
 def test_bad_input_is_refused_clearly():
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
