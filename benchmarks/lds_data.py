@@ -6,7 +6,8 @@ Two layouts are read:
   split; the models of seeds 1, 2, … are trained here with the same recipe
   (``digits.train_mlps``, which reproduces seed 0's stored weights).
 * files with ``param{k}/NAME`` (``k`` = seed) and ``loss_per_seed [S, K, Q]``: the full-data
-  models are stored; the split is ``digits.digits_split(seed=split_seed)``.
+  models are stored; the split is ``digits.digits_split`` with the permutation seed
+  ``split_seed``, in the stored models' dtype.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ def _mlp(params: dict[str, torch.Tensor]) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
+def _split(seed: int, dtype: torch.dtype) -> digits.DigitsSplit:
+    """``digits.digits_split`` with another permutation seed (first `N_TRAIN` rows train)."""
+    x, y = digits.load_digits_tensors(dtype)
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
+    train, test = order[: digits.N_TRAIN], order[digits.N_TRAIN :]
+    return digits.DigitsSplit(x[train], y[train], x[test], y[test], train, test)
+
+
 def load_ground_truth(path: str, members: int = 1) -> GroundTruth:
     """The ground truth at ``path`` with the full-data models of seeds ``0 .. members-1``."""
     data = np.load(path)
@@ -59,7 +68,6 @@ def load_ground_truth(path: str, members: int = 1) -> GroundTruth:
             params += [{k: v[m] for k, v in stacked.items()} for m in range(members - 1)]
         outputs = data["outputs"]
     else:
-        split = digits.digits_split(seed=int(data["split_seed"]))
         stored = sorted({int(k.split("/")[0][len("param") :]) for k in data.files if "/" in k})
         if members > len(stored):
             raise ValueError(f"{path} stores {len(stored)} full-data models, {members} asked")
@@ -72,6 +80,7 @@ def load_ground_truth(path: str, members: int = 1) -> GroundTruth:
             for s in stored[:members]
         ]
         outputs = data["loss_per_seed"].mean(axis=1)
+        split = _split(int(data["split_seed"]), params[0]["0.weight"].dtype)
     masks = data["masks"]
     describe = f"{masks.shape[0]} subsets, {outputs.shape[1]} test points, model " + "-".join(
         str(s) for s in [64] + [p.shape[0] for k, p in params[0].items() if "weight" in k]

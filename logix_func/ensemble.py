@@ -23,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from .curvature import IdentityPreconditioner, load_state, preconditioner, save_state
+from .curvature.kfac import Fisher
 from .curvature.transform import spec_tag
 from .influence import (
     Chunk,
@@ -30,6 +31,7 @@ from .influence import (
     Rows,
     TopK,
     _check_compatible,
+    _check_finite,
     _check_scores,
     _flat,
     _num_rows,
@@ -99,8 +101,8 @@ def _check_preconditioner(k: int, member: Member) -> None:
 def check_members(members: Sequence[Member], queries: Sequence[Rows] | None = None) -> None:
     """Refuse members that cannot be combined: the one place ensemble compatibility is checked.
 
-    * at least one member, and one query rows dict per member (``queries``, when given) whose
-      layers and shapes match that member's training rows;
+    * at least one member, and one query rows dict per member (``queries``, when given), finite,
+      whose layers and shapes match that member's training rows;
     * each member's preconditioner fitted on rows like its own (layers, entries per layer, and
       the projection spec its store records);
     * every member's rows have the same data ids (the same training set), each id once.
@@ -120,6 +122,8 @@ def check_members(members: Sequence[Member], queries: Sequence[Rows] | None = No
         if queries is not None:
             try:
                 _check_compatible(queries[k], member.train)
+                count = _num_rows(queries[k])
+                _check_finite(Chunk(list(range(count)), dict(queries[k])), "query")
             except ValueError as e:
                 raise ValueError(f"{_describe(k, member)}: {e}") from None
         _check_preconditioner(k, member)
@@ -272,7 +276,7 @@ def fit_members(
     root: str,
     *,
     method: str = "ekfac",
-    fisher: Any = None,
+    fisher: Fisher | None = None,
     damping: float | None = None,
     loss_fn: Any = None,
     progress: bool = True,

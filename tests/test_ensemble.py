@@ -140,6 +140,11 @@ def test_bad_members_and_weights_are_refused_clearly(parts, members, tmp_path):
     with pytest.raises(ValueError, match=r"member 2 \(in-memory rows\): layer '0'.*shape"):
         lf.ensemble_influence([queries[0], queries[1], queries[0]], members)
 
+    broken = {n: v.clone() for n, v in queries[1].items()}
+    broken["2"][3] = float("nan")
+    with pytest.raises(ValueError, match=r"member 1 \(.*m1\): non-finite query rows in layer '2'"):
+        lf.ensemble_influence([queries[0], broken, queries[2]], members)
+
     # another training set: fewer rows, or other data ids
     short = lf.Member({n: v[:-1] for n, v in parts[0][3].items()}, members[0].preconditioner)
     with pytest.raises(ValueError, match=r"member 1 .* other data than member 0.*1 ids missing"):
