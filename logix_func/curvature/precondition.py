@@ -87,8 +87,9 @@ def _mean_eigenvalue(factors: Mapping[str, Tensor]) -> float:
 
 def _cholesky(name: str, c: Tensor, damping: float) -> Tensor:
     """Lower Cholesky factor of ``C + λI`` in float64; a clear error where it is not PD."""
-    eye = torch.eye(c.shape[0], dtype=torch.float64, device=c.device)
-    factor, info = torch.linalg.cholesky_ex(c.double() + damping * eye)
+    shifted = c.to(torch.float64, copy=True)
+    shifted.diagonal().add_(damping)
+    factor, info = torch.linalg.cholesky_ex(shifted)
     if info.item() != 0:
         raise ValueError(
             f"layer {name!r}: C + λI is not positive definite with damping {damping:.3g} "
