@@ -149,11 +149,12 @@ def fit_curvature(
 
     ``method``: ``"kfac"``, ``"ekfac"``, ``"raw"`` (covariance of the gradients under
     ``fisher``) or ``"ggn"``: the exact per-layer Gauss-Newton matrix in the projected space,
-    ``(1/N) Σ_n Σ_c p_nc g_nc g_ncᵀ`` — :func:`~logix_func.raw` over the exact-Fisher
-    gradients (``[k, k]`` per layer, ``k = k_out·k_in``: for small models or LoGra ranks up
-    to ≈ 64). ``fisher`` defaults to ``"exact"`` for ``"ggn"`` (``"true"`` gives its
-    one-draw Monte-Carlo estimate; the empirical Fisher is not a GGN and is refused) and to
-    ``"true"`` otherwise.
+    ``(1/N) Σ_n Σ_c p_nc g_nc g_ncᵀ`` — ``raw(eigh=False)`` over the exact-Fisher logs,
+    factors ``{"C": [k, k]}`` per layer (``k = k_out·k_in``: for small models or LoGra ranks
+    up to ≈ 64) that :func:`~logix_func.preconditioner` solves through a Cholesky factor.
+    ``fisher`` defaults to ``"exact"`` for ``"ggn"`` (``"true"`` gives its one-draw
+    Monte-Carlo estimate; the empirical Fisher is not a GGN and is refused) and to ``"true"``
+    otherwise.
 
     Batch ``i`` draws its labels with seed ``seed + i`` (``fisher="true"``), the same in both
     EKFAC passes, so the eigenvalue correction sees the labels the factors were fitted on.
