@@ -9,7 +9,7 @@ Accuracy: LDS (``measurement="loss"``, every test point) on the digits-MLP groun
 Cost: wall time of fitting plus building the preconditioner (GGN: its Cholesky factors),
 EKFAC and GGN interleaved ``--repeats`` times in one process (best of each, one thread) on the
 ground-truth MLP and on ``64-128-128-10`` (timing only, random weights), per rank: the ratio
-GGN / EKFAC is the figure to read.
+GGN / EKFAC is the figure to read. ``--repeats 0``: accuracy only.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
             for m in METHODS
         }
         lds = {m: gt.lds(s) for m, s in scores.items()}
+        if args.repeats == 0:  # accuracy only
+            print(f"{rank:10s} {lds['ekfac']:10.3f} {lds['ggn']:8.3f}", flush=True)
+            continue
         t = costs(model, params, loader, spec, args.repeats)
         print(
             f"{rank:10s} {lds['ekfac']:10.3f} {lds['ggn']:8.3f} {t['ekfac']:8.2f} {t['ggn']:8.2f} "
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     ).to(x.dtype)
     wide_params = {k: v.detach() for k, v in wide.named_parameters()}
     print("64-128-128-10, random weights, same 1300 rows (timing only)")
-    for rank in [r for r in args.ranks if r != "full"]:
+    for rank in [r for r in args.ranks if r != "full" and args.repeats > 0]:
         t = costs(wide, wide_params, loader, spec_of(wide, rank), args.repeats)
         print(
             f"{rank:10s} {'':10s} {'':8s} {t['ekfac']:8.2f} {t['ggn']:8.2f} "
