@@ -5,8 +5,8 @@
 Members: the full-data MLPs of seeds ``0 .. members-1`` (see ``benchmarks/lds_data.py``), each
 with its own projection (``lf.logra(model_k, rank, seed=k)``), rows, curvature
 (``fit_curvature(method, fisher="exact")``, default damping) and query rows; the ensemble is the
-mean of their scores (TRAK). The ground truth's outputs are retrainings from seeds independent
-of how the members were trained, so the ensemble scores the expected retrained loss.
+mean of their scores (TRAK). Each member's preconditioner is applied to its query rows up
+front, so that only rows are held across members.
 
 Printed per curvature and projection: each member's own LDS, their mean, and the LDS of the
 ensemble of the first 1, 2, …, ``members`` members.
@@ -51,9 +51,13 @@ def main(argv: list[str] | None = None) -> None:
                 factors = fit_curvature(
                     model, params, loader, spec, method=method, fisher="exact", progress=False
                 )
-                members.append(lf.Member(train, lf.preconditioner(factors)))
-                queries.append(lf.projected_grads(model, params, test, spec))
-                own.append(gt.lds(lf.influence(queries[-1], train, preconditioner=members[-1][1])))
+                # P_k applied to the queries once (k(q, t) = ⟨P_k g_q, g_t⟩): the members then
+                # hold no factors, which for full-gradient GGNs are gigabytes each
+                query = lf.preconditioner(factors)(lf.projected_grads(model, params, test, spec))
+                del factors
+                members.append(lf.Member(train))
+                queries.append(query)
+                own.append(gt.lds(lf.influence(query, train)))
             combined = [
                 gt.lds(lf.ensemble_influence(queries[:k], members[:k]))
                 for k in range(1, args.members + 1)
