@@ -5,9 +5,9 @@
 Scores the 497 test examples against the 1300 training examples of the stored MLP
 (tests/data/lds_mlp.npz) with public pieces only (``lf.logra``, ``lf.projected_grads``,
 ``fit_curvature``, ``lf.preconditioner``, ``lf.influence``) and prints the LDS against the
-retraining ground truth for each projection rank, preconditioner (identity, KFAC, EKFAC, raw),
-Fisher (exact, true = one sampled label, empirical) and damping (default = 0.1 × each layer's
-mean eigenvalue; ``wd`` = the objective's weight decay, 1e-3).
+retraining ground truth for each projection rank, preconditioner (identity, KFAC, EKFAC, raw,
+the per-layer GGN), Fisher (exact, true = one sampled label, empirical) and damping
+(default = 0.1 × each layer's mean eigenvalue; ``wd`` = the objective's weight decay, 1e-3).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ CURVATURES = [
     ("ekfac", "true"),
     ("raw", "empirical"),
     ("raw", "true"),
+    ("ggn", "exact"),
 ]
 
 

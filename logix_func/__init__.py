@@ -26,6 +26,16 @@ from .distributed import (
     rank_batches,
     store_part,
 )
+from .ensemble import (
+    Member,
+    check_members,
+    ensemble_influence,
+    ensemble_influence_chunks,
+    ensemble_self_influence,
+    ensemble_top_k,
+    fit_members,
+    member_weights,
+)
 from .grads import per_sample_grads
 from .ids import DuplicateIdError, IndexedDataset, check_unique, content_ids, index_ids, string_ids
 from .influence import TopK, influence, influence_chunks, self_influence, top_k
@@ -47,6 +57,7 @@ __all__ = [
     "IndexedDataset",
     "LayerSpec",
     "LogStore",
+    "Member",
     "Preconditioner",
     "ProjectionSpec",
     "RunningStat",
@@ -56,13 +67,19 @@ __all__ = [
     "broadcast_state",
     "capture",
     "capture_shapes",
+    "check_members",
     "check_unique",
     "completion_labels",
     "content_ids",
     "ekfac",
+    "ensemble_influence",
+    "ensemble_influence_chunks",
+    "ensemble_self_influence",
+    "ensemble_top_k",
     "exact_curvature",
     "fisher_logs",
     "fit_curvature",
+    "fit_members",
     "flatten_capture",
     "full_params",
     "gather_scores",
@@ -77,6 +94,7 @@ __all__ = [
     "log_dataset",
     "logra",
     "loo_correlation",
+    "member_weights",
     "merge_states",
     "model_fingerprint",
     "pearson",

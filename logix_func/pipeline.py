@@ -291,7 +291,7 @@ def fit_curvature(
     loader: Iterable[Any],
     spec: Any,
     *,
-    method: Literal["kfac", "ekfac", "raw"] = "ekfac",
+    method: Literal["kfac", "ekfac", "raw", "ggn"] = "ekfac",
     fisher: Fisher = "auto",
     seed: int = 0,
     loss_fn: Any = None,
@@ -300,6 +300,14 @@ def fit_curvature(
     cache: Location | None = None,
 ) -> dict[str, Any]:
     """Curvature factors of ``model`` over ``loader`` (one pass; two for EKFAC).
+
+    ``method``: ``"kfac"``, ``"ekfac"``, ``"raw"`` (covariance of the gradients under
+    ``fisher``) or ``"ggn"``: the exact per-layer Gauss-Newton matrix in the projected space,
+    ``(1/N) Σ_n Σ_c p_nc g_nc g_ncᵀ`` — ``raw(eigh=False)`` over the exact-Fisher logs,
+    factors ``{"C": [k, k]}`` per layer (``k = k_out·k_in``: for small models or LoGra ranks
+    up to ≈ 64) that :func:`~logix_func.preconditioner` solves through a Cholesky factor.
+    For ``"ggn"``, ``fisher="auto"`` means ``"exact"`` (``"true"`` gives its one-draw
+    Monte-Carlo estimate; the empirical Fisher is not a GGN and is refused).
 
     ``fisher="auto"`` takes the exact expectation over the labels where that is cheap (few
     classes, see :func:`logix_func.fisher_logs`) and samples them elsewhere. Where labels are
@@ -330,6 +338,14 @@ def fit_curvature(
         )
         return cached(cache, f"curvature-{method}", record, fit)
     device = next(iter(params.values())).device
+    if method == "ggn":
+        if fisher == "empirical":
+            raise ValueError(
+                "method='ggn' needs the model's own label distribution: use fisher='exact' "
+                "(default) or 'true'; for the empirical Fisher's covariance use method='raw'"
+            )
+        if fisher == "auto":
+            fisher = "exact"
 
     def passes(desc: str, offset: int = 0):
         batches = rank_batches(loader, group)
@@ -347,14 +363,14 @@ def fit_curvature(
     def done(factors: dict[str, Any]) -> dict[str, Any]:
         return stamped(factors, model, params, loss_fn)
 
-    if method == "raw":
-        transform = raw()
+    if method in ("raw", "ggn"):
+        transform = raw(eigh=method == "raw")
         state = transform.init(spec, device)
-        for grads, _ in passes("raw covariance"):
-            state = transform.update(state, grads)
+        for grads, logs in passes(f"{method} covariance"):
+            state = transform.update(state, grads, logs)
         return done(finalize(transform, state))
     if method not in ("kfac", "ekfac"):
-        raise ValueError(f"method must be 'kfac', 'ekfac' or 'raw', got {method!r}")
+        raise ValueError(f"method must be 'kfac', 'ekfac', 'raw' or 'ggn', got {method!r}")
     k = kfac(fisher)
     state = k.init(spec, device)
     for _, logs in passes("KFAC"):

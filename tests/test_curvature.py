@@ -246,6 +246,58 @@ def test_raw_covariance_and_its_preconditioner_match_dense_algebra():
             torch.testing.assert_close(got[name][i], want)
 
 
+@pytest.mark.parametrize("rank", [None, 3])
+def test_ggn_method_is_the_dense_per_layer_ggn_in_the_projected_space(rank):
+    """``fit_curvature(method="ggn")`` = ``P B Pᵀ``, ``B`` the dense GGN block of the mean loss
+    and ``P = P_out ⊗ P_in``; its preconditioner solves against that matrix."""
+    from logix_func.pipeline import fit_curvature
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    params = dict(model.named_parameters())
+    spec = lf.logra(model, rank=rank, seed=1)
+    loader = list(zip(x.split(8), y.split(8)))
+    factors = fit_curvature(model, params, loader, spec, method="ggn", progress=False)
+    blocks = dense_ggn_blocks(model, x, y)
+    queries = lf.projected_grads(model, params, (x[:3], y[:3]), spec)
+    got = lf.preconditioner(factors, damping=1e-2)(queries)
+    for name, block in blocks.items():
+        p_out, p_in = spec.matrices(name)
+        p = torch.kron(p_out, p_in)
+        want = p @ block @ p.T
+        torch.testing.assert_close(
+            factors["layers"][name]["C"].double(), want, atol=1e-6, rtol=1e-4
+        )
+        for i in range(3):
+            solved = apply_dense(want, 1e-2, queries[name][i])
+            torch.testing.assert_close(got[name][i].double(), solved, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="method='ggn' needs the model's own label"):
+        fit_curvature(model, params, loader, spec, method="ggn", fisher="empirical")
+
+
+def test_raw_kronecker_route_and_cholesky_preconditioner_match_the_plain_ones():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    params = dict(model.named_parameters())
+    spec = lf.logra(model, rank=3, seed=2)
+    grads, logs = lf.fisher_logs(model, params, (x, y), spec, fisher="exact")
+    r = lf.raw(dtype=torch.float64)
+    plain = r.finalize(r.update(r.init(spec), grads))
+    bare = lf.raw(dtype=torch.float64, eigh=False)
+    kron = bare.finalize(bare.update(bare.init(spec), grads, logs))
+    queries = lf.projected_grads(model, params, (x[:4], y[:4]), spec)
+    for damping in (None, 1e-2):
+        want = lf.preconditioner(plain, damping)
+        got = lf.preconditioner(kron, damping)
+        assert got.damping == pytest.approx(want.damping)
+        for name, value in got(queries).items():
+            torch.testing.assert_close(kron["layers"][name]["C"], plain["layers"][name]["C"])
+            torch.testing.assert_close(value, want(queries)[name])
+    indefinite = {"spec": kron["spec"], "layers": {"0": {"C": -torch.eye(9)}}}
+    with pytest.raises(ValueError, match="layer '0': C \\+ λI is not positive definite"):
+        lf.preconditioner(indefinite, damping=0.5)
+
+
 def test_bad_input_is_refused_clearly():
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -17,7 +18,9 @@ Grads = dict[str, Float[Tensor, "*batch k_out k_in"]]
 
 class Preconditioner:
     """``(H + λI)⁻¹`` per layer, from KFAC/EKFAC factors (``QA``, ``QS``, ``eigenvalues``
-    ``[k_out, k_in]``) or raw factors (``Q``, ``eigenvalues`` ``[k]``).
+    ``[k_out, k_in]``), raw factors (``Q``, ``eigenvalues`` ``[k]``) or a bare ``C`` ``[k, k]``
+    (``raw(eigh=False)``, ``fit_curvature(method="ggn")``), solved through the Cholesky factor
+    of ``C + λI``; its mean eigenvalue is ``trace(C) / k``.
 
     ``damping``: ``None`` = 0.1 × the mean eigenvalue of *each* layer; a float is absolute
     for every layer; a ``{layer: float}`` dict sets each layer. The factors are never changed, so
@@ -34,9 +37,14 @@ class Preconditioner:
             check_layers(self.layers, damping, "damping layers")
             self.damping = {n: float(damping[n]) for n in self.layers}
         elif damping is None:
-            self.damping = {n: 0.1 * f["eigenvalues"].mean().item() for n, f in self.layers.items()}
+            self.damping = {n: 0.1 * _mean_eigenvalue(f) for n, f in self.layers.items()}
         else:
             self.damping = {n: float(damping) for n in self.layers}
+        self._cholesky = {
+            n: _cholesky(n, f["C"], self.damping[n])
+            for n, f in self.layers.items()
+            if "eigenvalues" not in f
+        }
         for name, value in self.damping.items():
             if not math.isfinite(value) or value < 0:
                 raise ValueError(
@@ -44,6 +52,8 @@ class Preconditioner:
                     "infinite damping scales every score to 0, a NaN one makes them NaN"
                 )
         for name, value in self.damping.items():
+            if name in self._cholesky:
+                continue
             lowest = float(self.layers[name]["eigenvalues"].min())
             if lowest + value > 0:
                 continue
@@ -63,6 +73,10 @@ class Preconditioner:
 
     def _apply(self, name: str, g: Tensor) -> Tensor:
         f = self.layers[name]
+        if name in self._cholesky:
+            factor = self._cholesky[name]
+            flat = g.reshape(-1, factor.shape[0]).to(factor.dtype)
+            return torch.cholesky_solve(flat.T, factor).T.reshape(g.shape).to(g.dtype)
         inverse = 1.0 / (f["eigenvalues"] + self.damping[name])
         if "Q" in f:  # raw: full covariance of the flattened gradient
             q = f["Q"]
@@ -72,6 +86,25 @@ class Preconditioner:
         qs, qa = f["QS"], f["QA"]
         rotated = qs.T @ g.to(qs.dtype) @ qa
         return (qs @ (rotated * inverse) @ qa.T).to(g.dtype)
+
+
+def _mean_eigenvalue(factors: Mapping[str, Tensor]) -> float:
+    if "eigenvalues" in factors:
+        return factors["eigenvalues"].mean().item()
+    return (factors["C"].diagonal().mean()).item()
+
+
+def _cholesky(name: str, c: Tensor, damping: float) -> Tensor:
+    """Lower Cholesky factor of ``C + λI`` in float64; a clear error where it is not PD."""
+    shifted = c.to(torch.float64, copy=True)
+    shifted.diagonal().add_(damping)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    if info.item() != 0:
+        raise ValueError(
+            f"layer {name!r}: C + λI is not positive definite with damping {damping:.3g} "
+            "(C has zero or negative eigenvalues): pass a larger damping"
+        )
+    return factor
 
 
 def preconditioner(

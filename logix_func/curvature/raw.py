@@ -1,6 +1,13 @@
 """Raw curvature: the full covariance of each layer's flattened (projected) gradients.
 
 LogIX's ``hessian="raw"`` and TRAK's ``XᵀX`` (per layer): ``C = E_samples[vec(G) vec(G)ᵀ]``.
+Over exact-Fisher gradients (``Σ_c`` over the label draws, see :func:`fisher_logs`) it is the
+layer's Gauss-Newton matrix in the projected space.
+
+With one token per sample (MLPs), ``G_d = δ_d aᵀ`` and the sample's term factorises:
+``Σ_d vec(G_d) vec(G_d)ᵀ = (Σ_d δ_d δ_dᵀ) ⊗ a aᵀ``, so given the KFAC logs the batch is one
+``[k_out², B] @ [B, k_in²]`` product instead of ``[k, B·D] @ [B·D, k]``: D times fewer
+multiply-adds.
 """
 
 from __future__ import annotations
@@ -8,19 +15,25 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
+from .ekfac import _token_logs
 from .kfac import eigh64
 from .transform import Transform, check_counted, check_finite, check_layers, layer_dims, spec_tag
 
 
-def raw(*, dtype: torch.dtype = torch.float32) -> Transform:
+def raw(*, dtype: torch.dtype = torch.float32, eigh: bool = True) -> Transform:
     """Gradient covariance per layer.
 
     * ``init(spec, device=None) -> state``
-    * ``update(state, grads) -> state`` with ``grads = {layer: [B, (D,) k_out, k_in]}``
-    * ``finalize(state) -> factors``: per layer ``C``, eigenbasis ``Q`` [k, k] and
-      ``eigenvalues`` [k], k = k_out·k_in.
+    * ``update(state, grads, logs=None) -> state`` with ``grads = {layer: [B, (D,) k_out,
+      k_in]}`` and optionally the same batch's logs (as :func:`logix_func.fisher_logs` returns
+      them): layers with one token per sample then take the Kronecker route (same result up to
+      rounding).
+    * ``finalize(state) -> factors``: per layer ``C`` [k, k], k = k_out·k_in, and with ``eigh``
+      its eigenbasis ``Q`` [k, k] and ``eigenvalues`` [k]. Without them (an ``O(k³)``
+      eigendecomposition saved) :func:`preconditioner` solves with a Cholesky factor instead.
     """
 
     def init(spec: Any, device: torch.device | str | None = None) -> dict[str, Any]:
@@ -33,8 +46,12 @@ def raw(*, dtype: torch.dtype = torch.float32) -> Transform:
         }
         return {"spec": spec_tag(spec), "layers": layers}
 
-    def update(state: dict[str, Any], grads: dict[str, Tensor]) -> dict[str, Any]:
+    def update(
+        state: dict[str, Any], grads: dict[str, Tensor], logs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         check_layers(state["layers"], grads, "gradient layers")
+        if logs is not None:
+            check_layers(state["layers"], logs, "logged layers")
         layers = {}
         for name, acc in state["layers"].items():
             g = grads[name]
@@ -44,9 +61,16 @@ def raw(*, dtype: torch.dtype = torch.float32) -> Transform:
                     f"layer {name!r}: gradients [..., {g.shape[-2]}, {g.shape[-1]}] do not match "
                     f"the state's {k} entries (another spec?)"
                 )
-            check_finite(g, name, "gradients")
-            flat = g.reshape(-1, k).to(dtype)
-            layers[name] = {"C": acc["C"] + flat.T @ flat, "samples": acc["samples"] + g.shape[0]}
+            acts, backs = (None, None) if logs is None else _token_logs(name, logs[name], g)
+            if backs is not None and backs.shape[2] == 1:
+                check_finite(acts, name, "activations")
+                check_finite(backs, name, "backprops")
+                term = _kron_sum(acts[:, 0].to(dtype), backs[:, :, 0].to(dtype))
+            else:
+                check_finite(g, name, "gradients")
+                flat = g.reshape(-1, k).to(dtype)
+                term = flat.T @ flat
+            layers[name] = {"C": acc["C"] + term, "samples": acc["samples"] + g.shape[0]}
         return {"spec": state["spec"], "layers": layers}
 
     def finalize(state: dict[str, Any]) -> dict[str, Any]:
@@ -54,8 +78,22 @@ def raw(*, dtype: torch.dtype = torch.float32) -> Transform:
         for name, acc in state["layers"].items():
             check_counted(acc["samples"], name)
             cov = acc["C"] / acc["samples"]
-            values, vectors = eigh64(cov)
-            layers[name] = {"C": cov, "Q": vectors, "eigenvalues": values}
+            if eigh:
+                values, vectors = eigh64(cov)
+                layers[name] = {"C": cov, "Q": vectors, "eigenvalues": values}
+            else:
+                layers[name] = {"C": (cov + cov.T) / 2}
         return {"spec": state["spec"], "layers": layers}
 
     return Transform(init, update, finalize)
+
+
+def _kron_sum(
+    activations: Float[Tensor, "batch k_in"], backprops: Float[Tensor, "batch draws k_out"]
+) -> Float[Tensor, "k k"]:
+    """``Σ_n (Σ_d δ_nd δ_ndᵀ) ⊗ a_n a_nᵀ`` in row-major ``vec`` order, ``k = k_out·k_in``."""
+    k_in, k_out = activations.shape[-1], backprops.shape[-1]
+    s = torch.einsum("ndo,ndp->nop", backprops, backprops).reshape(len(backprops), -1)
+    a = torch.einsum("ni,nj->nij", activations, activations).reshape(len(activations), -1)
+    blocks = (s.T @ a).reshape(k_out, k_out, k_in, k_in)
+    return blocks.permute(0, 2, 1, 3).reshape(k_out * k_in, k_out * k_in)

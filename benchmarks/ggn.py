@@ -1,0 +1,96 @@
+"""The per-layer GGN in the projected space against EKFAC: LDS and cost, side by side.
+
+    python -m benchmarks.ggn [--data tests/data/lds_mlp.npz] [--ranks full 16 64] [--repeats 3]
+
+Accuracy: LDS (``measurement="loss"``, every test point) on the digits-MLP ground truth of
+``--data`` for ``fit_curvature(method=...)`` with the exact Fisher and the default damping
+(0.1 × each layer's mean eigenvalue), EKFAC against ``method="ggn"``, per projection.
+
+Cost: wall time of fitting plus building the preconditioner (GGN: its Cholesky factors),
+EKFAC and GGN interleaved ``--repeats`` times in one process (best of each, one thread) on the
+ground-truth MLP and on ``64-128-128-10`` (timing only, random weights), per rank: the ratio
+GGN / EKFAC is the figure to read. ``--repeats 0``: accuracy only.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+import logix_func as lf
+from benchmarks.lds_data import load_ground_truth
+from benchmarks.logra_models import best_times
+from logix_func.pipeline import fit_curvature
+
+METHODS = ("ekfac", "ggn")
+
+
+def fitted(model, params, loader, spec, method):
+    factors = fit_curvature(
+        model, params, loader, spec, method=method, fisher="exact", progress=False
+    )
+    return lf.preconditioner(factors)
+
+
+def costs(model, params, loader, spec, repeats: int) -> dict[str, float]:
+    runs = {m: (lambda m=m: fitted(model, params, loader, spec, m)) for m in METHODS}
+    return best_times(runs, repeats)
+
+
+def spec_of(model, rank: str):
+    return lf.logra(model, rank=None if rank == "full" else int(rank))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="tests/data/lds_mlp.npz")
+    parser.add_argument("--ranks", nargs="+", default=["full", "16", "64"])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    gt = load_ground_truth(args.data, members=1)
+    model, params = gt.model, gt.params[0]
+    x, y = gt.split.train_x, gt.split.train_y
+    loader = list(zip(x.split(325), y.split(325), strict=True))
+    test = (gt.split.test_x, gt.split.test_y)
+    print(f"ground truth {args.data}: {gt.describe}")
+    print(
+        f"{'projection':10s} {'LDS ekfac':>10s} {'LDS ggn':>8s} {'ekfac s':>8s} {'ggn s':>8s} ratio"
+    )
+    for rank in args.ranks:
+        spec = spec_of(model, rank)
+        train = lf.projected_grads(model, params, (x, y), spec)
+        query = lf.projected_grads(model, params, test, spec)
+        scores = {
+            m: lf.influence(query, train, preconditioner=fitted(model, params, loader, spec, m))
+            for m in METHODS
+        }
+        lds = {m: gt.lds(s) for m, s in scores.items()}
+        if args.repeats == 0:  # accuracy only
+            print(f"{rank:10s} {lds['ekfac']:10.3f} {lds['ggn']:8.3f}", flush=True)
+            continue
+        t = costs(model, params, loader, spec, args.repeats)
+        print(
+            f"{rank:10s} {lds['ekfac']:10.3f} {lds['ggn']:8.3f} {t['ekfac']:8.2f} {t['ggn']:8.2f} "
+            f"{t['ggn'] / t['ekfac']:5.1f}",
+            flush=True,
+        )
+    torch.manual_seed(0)
+    wide = nn.Sequential(
+        nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10)
+    ).to(x.dtype)
+    wide_params = {k: v.detach() for k, v in wide.named_parameters()}
+    print("64-128-128-10, random weights, same 1300 rows (timing only)")
+    for rank in [r for r in args.ranks if r != "full" and args.repeats > 0]:
+        t = costs(wide, wide_params, loader, spec_of(wide, rank), args.repeats)
+        print(
+            f"{rank:10s} {'':10s} {'':8s} {t['ekfac']:8.2f} {t['ggn']:8.2f} "
+            f"{t['ggn'] / t['ekfac']:5.1f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
