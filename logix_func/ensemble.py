@@ -39,7 +39,7 @@ from .influence import (
     iter_rows,
     top_k,
 )
-from .pipeline import fit_curvature, log_dataset
+from .pipeline import IdsFn, fit_curvature, log_dataset
 from .store import LogStore
 
 
@@ -268,6 +268,7 @@ def fit_members(
     fisher: Fisher = "auto",
     damping: float | None = None,
     loss_fn: Any = None,
+    ids: IdsFn | None = None,
     progress: bool = True,
 ) -> list[Member]:
     """Log and fit every member, resuming what a previous run left: the pipeline of an ensemble.
@@ -277,8 +278,9 @@ def fit_members(
     rows are skipped) and fits its curvature with :func:`~logix_func.fit_curvature`, cached under
     ``{root}/member-{k}/curvature`` (found again only for the same weights, spec, loss, method,
     Fisher and data).
-    ``loader`` must yield the same batches every pass (no shuffling). Returns the members with
-    ``preconditioner(factors, damping)``.
+    ``loader`` must yield the same batches every pass (no shuffling); ``ids`` names its
+    examples as in :func:`~logix_func.log_dataset` (default: dataset indices of a
+    DataLoader). Returns the members with ``preconditioner(factors, damping)``.
     """
     if len(models) == 0:
         raise ValueError("fit_members needs at least one (model, params) pair")
@@ -289,7 +291,7 @@ def fit_members(
     for k, ((model, params), spec) in enumerate(zip(models, per_member, strict=True)):
         base = f"{root.rstrip('/')}/member-{k}"
         store = log_dataset(
-            model, params, loader, spec, f"{base}/rows", loss_fn=loss_fn, progress=progress
+            model, params, loader, spec, f"{base}/rows", loss_fn=loss_fn, ids=ids, progress=progress
         )
         factors = fit_curvature(
             model,

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import logix_func as lf
 from logix_func.pipeline import fit_curvature
@@ -104,7 +105,7 @@ def test_a_store_first_gives_columns_in_its_own_order(parts, members):
 
 def test_fit_members_logs_and_fits_each_member_and_resumes(data, tmp_path):
     (x, y), query = data
-    loader = list(zip(x.split(8), y.split(8), strict=True))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)  # ids: dataset indices
     models = [mlp(0), mlp(1)]
     pairs = [(m, {k: v.detach() for k, v in m.named_parameters()}) for m in models]
     specs = [lf.logra(models[0], rank=None), lf.logra(models[1], rank=2, seed=1)]
@@ -129,7 +130,7 @@ def test_fit_members_logs_and_fits_each_member_and_resumes(data, tmp_path):
     )
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # loaded, not fitted again
     torch.testing.assert_close(lf.ensemble_influence(queries, again), got)
-    with pytest.raises(ValueError, match="member-1/rows holds a different schema"):
+    with pytest.raises(ValueError, match="member-1/rows was written with another projection spec"):
         lf.fit_members(pairs, loader, [specs[0], specs[0]], root, progress=False)
 
 
@@ -164,8 +165,14 @@ def test_bad_members_and_weights_are_refused_clearly(parts, members, tmp_path):
     other = lf.logra(parts[1][0], rank=2, seed=7)
     loader = list(zip(*(t.split(8) for t in (torch.randn(N, 4), torch.randint(0, 3, (N,))))))
     foreign = fit_curvature(parts[1][0], parts[1][1], loader, other, method="ggn", progress=False)
-    with pytest.raises(ValueError, match="another projection spec than the one its store records"):
+    with pytest.raises(ValueError, match="fitted for another member.*different projection specs"):
         lf.ensemble_self_influence([lf.Member(members[1].train, lf.preconditioner(foreign))])
+    # the same spec and shapes, fitted on other weights (another checkpoint of member 1)
+    model1, params1, spec1 = parts[1][:3]
+    moved = {k: v + 0.01 for k, v in params1.items()}
+    stale = fit_curvature(model1, moved, loader, spec1, method="ggn", progress=False)
+    with pytest.raises(ValueError, match="fitted for another member.*weights"):
+        lf.ensemble_self_influence([lf.Member(members[1].train, lf.preconditioner(stale))])
 
     for weights, message in [
         ([1.0, 1.0], "2 weights for 3 members"),
