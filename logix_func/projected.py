@@ -350,10 +350,7 @@ class _Pass:
             with torch.autocast(weight.device.type, enabled=False):
                 grads[name] = reduce(  # no ``sum``: its ``0 + first`` copies a whole term
                     torch.add,
-                    (
-                        torch.einsum("btk,btj->bkj", gc.to(acc), vc.to(acc))
-                        for gc, vc in zip(g, v, strict=True)
-                    ),
+                    (_token_sum(gc.to(acc), vc.to(acc)) for gc, vc in zip(g, v, strict=True)),
                 )
             if logs:
                 m = torch.cat([_call_mask(layer, mask, vc) for vc in v], dim=1)
@@ -364,6 +361,16 @@ class _Pass:
                     "mask": m,
                 }
         return (grads, records) if logs else grads
+
+
+def _token_sum(
+    g: Float[Tensor, "batch tokens k_out"], v: Float[Tensor, "batch tokens k_in"]
+) -> Float[Tensor, "batch k_out k_in"]:
+    """``Σ_t g_t v_tᵀ`` per sample; one token is a broadcast product (a batched matmul of
+    inner size 1 costs several times more)."""
+    if g.shape[1] == 1:
+        return g[:, 0, :, None] * v[:, 0, None, :]
+    return torch.einsum("btk,btj->bkj", g, v)
 
 
 def _check_grad_enabled(name: str) -> None:
