@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .batch import ModelBatch
 from .capturing import capture_shapes
 from .curvature import ekfac, fisher_logs, kfac, raw
+from .curvature.fisher import LabelSampler
 from .curvature.kfac import Fisher
 from .curvature.transform import layer_dims
 from .distributed import (
@@ -275,10 +276,14 @@ def fit_curvature(
     fisher: Fisher = "true",
     seed: int = 0,
     loss_fn: Any = None,
+    label_sampler: LabelSampler | None = None,
     progress: bool = True,
     group: Group = None,
 ) -> dict[str, Any]:
     """Curvature factors of ``model`` over ``loader`` (one pass; two for EKFAC).
+
+    ``label_sampler``: with ``fisher="true"`` and a custom ``loss_fn``, draws the labels (see
+    :func:`~logix_func.fisher_logs`).
 
     Batch ``i`` draws its labels with seed ``seed + i`` (``fisher="true"``), the same in both
     EKFAC passes, so the eigenvalue correction sees the labels the factors were fitted on.
@@ -300,7 +305,14 @@ def fit_curvature(
         bar = tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress)
         for i, _, batch in bar:
             yield fisher_logs(
-                model, params, batch, spec, fisher=fisher, seed=seed + i, loss_fn=loss_fn
+                model,
+                params,
+                batch,
+                spec,
+                fisher=fisher,
+                seed=seed + i,
+                loss_fn=loss_fn,
+                label_sampler=label_sampler,
             )
 
     def finalize(transform: Any, state: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 * ``"empirical"``: the batch's own targets.
 * ``"true"``: targets drawn from the model's predictive distribution (categorical for integer
   targets, unit-variance Gaussian around the outputs for float targets), one draw per sample.
+  A custom ``loss_fn`` brings its own ``label_sampler(outputs, targets, generator)``: the
+  targets drawn from the distribution that loss is the negative log-likelihood of.
 * ``"exact"``: the expectation over every label, through pseudo-losses ``⟨v_c, logits⟩`` whose
   gradients ``v_c`` factor the output Hessian (``Σ_c v_c v_cᵀ = diag(p) − p pᵀ`` for
   cross-entropy, ``I`` for squared error): one batched pass over
@@ -11,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -29,10 +31,51 @@ def _with_targets(batch: Any, targets: Tensor) -> Any:
     return (batch[0], targets)
 
 
+LabelSampler = Callable[[Any, Tensor, torch.Generator], Tensor]
+
+
 @torch.no_grad()
-def _logits(model: nn.Module, params: Mapping[str, Tensor], mb: ModelBatch) -> Tensor:
+def _outputs(model: nn.Module, params: Mapping[str, Tensor], mb: ModelBatch) -> Any:
     fixed, bufs = split_weights(model, params)
-    return logits_of(mb.call(model, ({n: p.detach() for n, p in params.items()}, fixed, bufs)))
+    return mb.call(model, ({n: p.detach() for n, p in params.items()}, fixed, bufs))
+
+
+def _logits(model: nn.Module, params: Mapping[str, Tensor], mb: ModelBatch) -> Tensor:
+    return logits_of(_outputs(model, params, mb))
+
+
+def _sampled_by(
+    label_sampler: LabelSampler,
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    *,
+    seed: int = 0,
+) -> Any:
+    """``batch`` with its targets replaced by ``label_sampler(outputs, targets, generator)``.
+
+    ``outputs`` are the model's outputs on the whole batch (no gradient), ``targets`` the
+    batch's (``[B, ...]``, or the ``labels`` of a dict batch) and ``generator`` a
+    ``torch.Generator`` seeded with ``seed``: the drawn targets, of the targets' shape and
+    dtype, are those the custom loss is the negative log-likelihood of.
+    """
+    mb = ModelBatch.from_batch(batch)
+    targets = mb.tensors["targets"]
+    outputs = _outputs(model, params, mb)
+    gen = torch.Generator(device=targets.device).manual_seed(seed)
+    drawn = label_sampler(outputs, targets, gen)
+    if (
+        not isinstance(drawn, Tensor)
+        or drawn.shape != targets.shape
+        or (drawn.dtype != targets.dtype)
+    ):
+        got = (tuple(drawn.shape), drawn.dtype) if isinstance(drawn, Tensor) else type(drawn)
+        raise ValueError(
+            f"label_sampler returned {got}, but the batch's targets are "
+            f"{(tuple(targets.shape), targets.dtype)}: it must return targets of that shape "
+            "and dtype, drawn from the model's predictive distribution"
+        )
+    return _with_targets(batch, drawn)
 
 
 def sample_targets(
@@ -87,25 +130,39 @@ def fisher_logs(
     fisher: Fisher = "true",
     seed: int = 0,
     loss_fn: Any = None,
+    label_sampler: LabelSampler | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Projected gradients and KFAC logs of ``batch`` under the chosen Fisher.
+
+    ``fisher="true"`` with a custom ``loss_fn`` needs ``label_sampler(outputs, targets,
+    generator) -> targets``: ``outputs`` are the model's on the whole batch (no gradient),
+    ``targets`` the batch's, ``generator`` a ``torch.Generator`` seeded with ``seed``; it returns
+    targets of the same shape and dtype drawn from the distribution whose negative
+    log-likelihood the loss is. The default losses draw their own (:func:`sample_targets`).
 
     Returns ``(grads, logs)`` as :func:`logix_func.projected_grads` with
     ``return_activations=True``, plus a label-draw axis D after the batch axis:
     grads ``{layer: [B, D, k_out, k_in]}``, backprops ``[B, D, T, k_out]`` (D = 1 unless
     ``fisher="exact"``, where D = number of classes).
     """
+    if label_sampler is not None and fisher != "true":
+        raise ValueError(f"label_sampler draws labels for fisher='true' only, got {fisher!r}")
     if fisher == "exact":
         return _exact_logs(model, params, batch, spec, loss_fn)
     if fisher == "empirical":
         labelled, fn = batch, loss_fn
     elif fisher == "true":
-        if loss_fn is not None:
+        if label_sampler is not None:
+            labelled, fn = _sampled_by(label_sampler, model, params, batch, seed=seed), loss_fn
+        elif loss_fn is not None:
             raise ValueError(
-                "fisher='true' samples labels for the default losses only; "
-                "pass fisher='empirical' with a custom loss_fn"
+                "fisher='true' draws labels from the model's predictive distribution, which a "
+                "custom loss_fn does not say: pass label_sampler=fn(outputs, targets, "
+                "generator) -> drawn targets (the distribution whose negative log-likelihood "
+                "the loss is), or fisher='empirical'"
             )
-        labelled, fn = sample_targets(model, params, batch, seed=seed), None
+        else:
+            labelled, fn = sample_targets(model, params, batch, seed=seed), None
     else:
         raise ValueError(f"fisher must be 'true', 'empirical' or 'exact', got {fisher!r}")
     grads, logs = projected_grads(
