@@ -182,10 +182,14 @@ def influence(
     chunk_rows: int = 4096,
     per_layer: bool = False,
     progress: bool | None = None,
-    out: str | None = None,
+    out: str | Mapping[str, Any] | None = None,
     query_provenance: Provenance | None = None,
 ) -> Float[Tensor, "queries train"] | dict[str, Float[Tensor, "queries train"]] | ts.TensorStore:
     """Scores ``[Q, N]`` of every training row for every query row.
+
+    Scores of a store carry its data ids in column order as ``scores.ids`` (an attribute of
+    the returned tensor, ``[N]`` or a list of str): :func:`top_k` returns those ids. A tensor
+    computed from the scores (``scores * 2``, a slice) has no ``.ids``: pass ``ids=``.
 
     Args:
         query: ``{layer: [Q, k_out, k_in]}`` gradients of the query examples.
@@ -196,12 +200,12 @@ def influence(
         chunk_rows: training rows scored per matmul.
         per_layer: return ``{layer: [Q, N]}`` whose sum is the total (mode ``"dot"``).
         progress: show a progress bar (default: for more than 50,000 rows).
-        out: a local path or tensorstore URL: write the scores there chunk by chunk (a float32
-            zarr3 array ``[Q, N]``, columns in the order of ``train``'s rows, e.g.
-            ``store.ids()``) instead of holding them in memory; returns the opened array.
-            The URL must hold nothing yet: existing data is never replaced. The array's
-            attributes record the mode and the provenance of the query, the store and the
-            preconditioner (``attributes["logix_func"]["scores"]``).
+        out: a local path, tensorstore URL or kvstore spec: write the scores there chunk by
+            chunk (a float32 zarr3 array ``[Q, N]``, columns in the order of ``train``'s rows,
+            e.g. ``store.ids()``; :func:`top_k` reads it back) instead of holding them in
+            memory; returns the opened array. The URL must hold nothing yet: existing data
+            is never replaced. The array's attributes record the mode and the provenance of
+            the query, the store and the preconditioner (``attributes["logix_func"]["scores"]``).
         query_provenance: what produced the query rows, ``lf.provenance(model, params, spec,
             loss_fn=...)``: checked against the store's and the preconditioner's spec and
             weights. A store and a preconditioner are always checked against each other.
@@ -231,7 +235,12 @@ def influence(
     parts = list(stream)
     if per_layer:
         return {k: torch.cat([s[k] for _, s in parts], 1) for k in parts[0][1]}
-    return torch.cat([s for _, s in parts], 1)
+    scores = torch.cat([s for _, s in parts], 1)
+    if not isinstance(train, Mapping):  # the columns' data ids, for top_k
+        chunks = [ids for ids, _ in parts]
+        is_tensor = isinstance(chunks[0], Tensor)
+        scores.ids = torch.cat(chunks) if is_tensor else [i for c in chunks for i in c]
+    return scores
 
 
 def _write_scores(
@@ -271,6 +280,43 @@ def _write_scores(
     for write in pending:
         write.result()
     return array
+
+
+def _stored_scores(
+    scores: ts.TensorStore | str | Mapping[str, Any], ids: Tensor | list | None
+) -> Iterator[tuple[Any, Tensor]]:
+    """``(ids, [Q, n])`` chunks of an array written by ``influence(..., out=)``."""
+    if not isinstance(scores, ts.TensorStore):
+        spec = {"driver": "zarr3", "kvstore": kvstore_spec(scores)}
+        try:
+            scores = ts.open(spec, open=True, context=_context(durable=True)).result()
+        except ValueError as e:
+            problem = "it holds no zarr.json" if "NOT_FOUND" in str(e) else str(e).split("[")[0]
+            raise FileNotFoundError(
+                f"no scores array at {scores!r} ({problem}): write one with "
+                "influence(..., out=) or 'logix-func score'"
+            ) from None
+    origin = scores.spec().to_json()["metadata"].get("attributes", {}).get(ATTRS_NAME, {})
+    origin = origin.get("scores", {})
+    total = scores.shape[1]
+    if ids is None and origin.get("train_url") is not None:
+        from .store import LogStore
+
+        store = LogStore.open(origin["train_url"])
+        if len(store) != total:
+            raise ValueError(
+                f"these scores have {total} columns, the store they score ({store.url}) now has "
+                f"{len(store)} rows: it gained rows since, so its ids no longer name the "
+                "columns. Pass ids= (the store's ids when it was scored), or score it again"
+            )
+        ids = store.ids()
+    if ids is None:
+        ids = torch.arange(total)
+    width = scores.chunk_layout.read_chunk.shape[1]
+    for start in range(0, total, width):
+        stop = min(start + width, total)
+        block = torch.from_numpy(scores[:, start:stop].read().result())
+        yield ids[start:stop], block
 
 
 def _check_empty(url: str) -> None:
@@ -320,9 +366,24 @@ def self_influence(
     preconditioner: Precondition | None = None,
     chunk_rows: int = 4096,
     progress: bool | None = None,
+    cache: str | Mapping[str, Any] | None = None,
 ) -> Float[Tensor, " train"]:
     """``k(t, t)`` for every training row: ``[N]``, streamed chunk by chunk (a store and the
-    preconditioner must come from the same spec and weights)."""
+    preconditioner must come from the same spec and weights).
+
+    ``cache`` (a folder, URL or kvstore spec; ``train`` a LogStore): values saved there by an
+    earlier call are loaded instead of rescanning the store when the store (location,
+    creation time, provenance, ids) and the preconditioner (its factors' provenance and
+    damping) are the same; else they are computed and saved beside the others.
+    """
+    if cache is not None:
+        from .cache import cached, self_influence_record
+
+        record = self_influence_record(train, preconditioner)
+        scan = lambda: self_influence(  # noqa: E731
+            train, preconditioner=preconditioner, chunk_rows=chunk_rows, progress=progress
+        )
+        return cached(cache, "self-influence", record, scan)
     check_sources(None, train, preconditioner)
     pre = preconditioner or IdentityPreconditioner()
     total = _num_rows(train)
@@ -347,23 +408,33 @@ class TopK(NamedTuple):
 
 
 def top_k(
-    scores: Tensor | Iterable[tuple[Any, Tensor]],
+    scores: Tensor | Iterable[tuple[Any, Tensor]] | ts.TensorStore | str | Mapping[str, Any],
     k: int,
     *,
     largest: bool = True,
-    ids: Tensor | None = None,
+    ids: Tensor | list | None = None,
 ) -> TopK:
     """The ``k`` largest (proponents) or smallest (opponents, ``largest=False``) scores per query.
 
-    ``scores`` is a ``[Q, N]`` tensor (ids default to ``0..N-1``) or a stream of
-    ``(ids, [Q, n])`` chunks such as :func:`influence_chunks`, merged chunk by chunk so that the
-    full matrix never has to fit in memory.
+    ``scores`` is one of:
+
+    - a ``[Q, N]`` tensor: the ids are ``ids``, else the ``scores.ids`` that :func:`influence`
+      attaches to the scores of a store, else positions ``0..N-1``;
+    - the array :func:`influence` wrote with ``out=``, or its location: read chunk by chunk,
+      never rescoring; the ids are ``ids``, else those of the store it records (refused if
+      that store has gained rows since), else positions;
+    - a stream of ``(ids, [Q, n])`` chunks such as :func:`influence_chunks`, merged chunk by
+      chunk so that the full matrix never has to fit in memory.
     """
-    stream = (
-        [(torch.arange(scores.shape[1]) if ids is None else ids, scores)]
-        if isinstance(scores, Tensor)
-        else scores
-    )
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int (how many rows per query), got {k!r}")
+    if isinstance(scores, Tensor):
+        ids = getattr(scores, "ids", None) if ids is None else ids
+        stream = [(torch.arange(scores.shape[1]) if ids is None else ids, scores)]
+    elif isinstance(scores, (ts.TensorStore, str, Mapping)):
+        stream = _stored_scores(scores, ids)
+    else:
+        stream = scores
     best_values: Tensor | None = None
     best_pos: Tensor | None = None
     seen: list = []

@@ -10,6 +10,8 @@ Both take a ``torch.distributed`` process group: each rank then handles the batc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .batch import ModelBatch
+from .cache import cached, curvature_record
 from .capturing import capture_shapes
 from .curvature import ekfac, fisher_logs, kfac, raw
 from .curvature.fisher import LabelSampler
@@ -33,6 +36,7 @@ from .distributed import (
     rank_world,
 )
 from .ids import indexed_loader
+from .kvstore import Location
 from .origin import loss_name, stamped, weights_fingerprint
 from .projected import projected_grads
 from .store import LogStore, NotAStoreError, StoreSchema, model_fingerprint
@@ -139,7 +143,7 @@ def log_dataset(
     params: Mapping[str, Tensor],
     loader: Iterable[Any],
     spec: Any,
-    store: LogStore | str,
+    store: LogStore | Location,
     *,
     loss_fn: Any = None,
     ids: IdsFn | None = None,
@@ -154,7 +158,9 @@ def log_dataset(
     Examples whose data id is already committed are skipped, so a rerun after a crash resumes
     without duplicates or gaps, and a store grows by logging new examples into it.
 
-    ``ids(batch, offset)`` names the examples of a batch. By default, for a ``DataLoader``
+    ``ids(batch, offset)`` names the examples of a batch (ints, or strings: a store created
+    here for string ids, e.g. ``ids=lambda batch, offset: batch["name"]``, holds string ids,
+    at most 64 UTF-8 bytes each). By default, for a ``DataLoader``
     over a map-style dataset, the ids are the dataset indices its sampler picks (under
     ``Subset``/``random_split`` wrappers: indices into the dataset beneath), right under
     shuffling, and every example is logged even with ``drop_last=True``; other iterables
@@ -171,16 +177,21 @@ def log_dataset(
     if ids is None:
         loader = _indexed(loader)
     schema = store_schema(model, spec, dtype, params=params, loss_fn=loss_fn)
-    opened = isinstance(store, str)
-    if opened:
-        store = open_store(store, schema, rank)
-    check_store(store, schema)
-    done = store.committed_ids()
     total = rank_total(loader, group)
     if ids is None and world == 1:  # no split: rank_batches would count (ids, batch) pairs
         mine = ((i, None, batch) for i, batch in enumerate(loader))
     else:
         mine = rank_batches(loader, group)
+    opened = not isinstance(store, LogStore)
+    if opened:
+        if ids is not None:  # string ids make a store of string ids
+            first = next(mine, None)
+            mine = itertools.chain([] if first is None else [first], mine)
+            if first is not None and _strings(ids(first[2], first[1])):
+                schema = dataclasses.replace(schema, ids="str")
+        store = open_store(store, schema, rank)
+    check_store(store, schema)
+    done = store.committed_ids()
     try:
         for _, offset, batch in tqdm(
             mine, total=total, desc="logging", unit="batch", disable=not progress
@@ -222,6 +233,10 @@ def _log_batch(model, params, spec, store, batch, offset, ids, done, loss_fn, dt
         batch_ids = batch_ids[index] if isinstance(batch_ids, Tensor) else picked
     rows = projected_grads(model, params, batch, spec, loss_fn=loss_fn)
     store.append(batch_ids, {k: v.to(dtype) for k, v in rows.items()})
+
+
+def _strings(ids: Any) -> bool:
+    return not isinstance(ids, Tensor) and any(isinstance(i, str) for i in ids)
 
 
 def _indexed(loader: Iterable[Any]) -> Iterable[tuple[Tensor, Any]]:
@@ -279,6 +294,7 @@ def fit_curvature(
     label_sampler: LabelSampler | None = None,
     progress: bool = True,
     group: Group = None,
+    cache: Location | None = None,
 ) -> dict[str, Any]:
     """Curvature factors of ``model`` over ``loader`` (one pass; two for EKFAC).
 
@@ -295,8 +311,20 @@ def fit_curvature(
 
     The factors record the spec tag (``"spec"``), the weights fingerprint (``"weights"``) and
     the loss name (``"loss"``) they were fitted with; preconditioners check them.
+
+    ``cache`` (a folder, URL or kvstore spec): factors saved there by an earlier call are
+    loaded instead of refitted when the weights fingerprint, spec, loss name, method, Fisher,
+    seed and the data (a hash of every batch, one pass without the model) all match; else
+    they are fitted and saved beside the others (see :mod:`logix_func.cache`).
     """
     model = local_model(model)
+    if cache is not None:
+        options = dict(method=method, fisher=fisher, seed=seed, loss_fn=loss_fn)
+        record = curvature_record(model, params, loader, spec, **options)
+        fit = lambda: fit_curvature(  # noqa: E731
+            model, params, loader, spec, progress=progress, group=group, **options
+        )
+        return cached(cache, f"curvature-{method}", record, fit)
     device = next(iter(params.values())).device
 
     def passes(desc: str):

@@ -80,7 +80,8 @@ def test_main_job_runs_end_to_end_and_resumes(tmp_path, capsys):
     files = sorted(p.name for p in (tmp_path / "digits").iterdir())
     assert [f for f in files if f.startswith("model-")] == ["model-seed0.pt", "model-seed1.pt"]
     assert len([f for f in files if f.startswith("train-")]) == 2
-    assert len([f for f in files if f.startswith("ekfac-true-b100-")]) == 2
+    assert len([f for f in files if f.startswith("curvature-ekfac-")]) == 2
+    assert len([f for f in files if f.startswith("test-")]) == 2
     assert other.splitlines()[3:] != out.splitlines()[3:]
 
 

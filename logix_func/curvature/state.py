@@ -47,8 +47,9 @@ def merge_states(*states: State) -> State:
     return {"spec": first["spec"], **merged}
 
 
-def save_state(state: State, url: str) -> None:
-    """Write a state (or finalized factors) to a local path or any tensorstore kvstore URL."""
+def save_state(state: State, url: Any) -> None:
+    """Write a state (or finalized factors) to a local path, a tensorstore kvstore URL or a
+    kvstore spec dict (see :mod:`logix_func.kvstore`)."""
     from ..kvstore import write_bytes
 
     buf = io.BytesIO()
@@ -56,7 +57,7 @@ def save_state(state: State, url: str) -> None:
     write_bytes(url, buf.getvalue())
 
 
-def load_state(url: str) -> State:
+def load_state(url: Any) -> State:
     """Read what :func:`save_state` wrote."""
     from ..kvstore import read_bytes
 

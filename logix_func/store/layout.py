@@ -17,6 +17,7 @@ import os
 import re
 import uuid
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 import tensorstore as ts
@@ -45,15 +46,31 @@ def wait(future: Any, what: str) -> Any:
         raise StoreIOError(f"{what}: {e}") from e
 
 
-def kvstore_spec(url: str) -> dict:
-    """A tensorstore kvstore spec for ``url``: a local path, ``memory://``, ``gs://``, ``s3://``..."""
-    if "://" not in url:
+def kvstore_spec(url: str | Mapping[str, Any]) -> dict:
+    """A tensorstore kvstore spec for ``url``: a local path, a URL (``file://``, ``memory://``,
+    ``gs://``, ``s3://``...) or a kvstore spec dict (e.g. ``{"driver": "s3", "bucket": ...,
+    "path": ..., "endpoint": ...}`` for an S3-compatible server: URLs carry no endpoint).
+
+    S3 specs get ``use_conditional_write: true`` unless they set it: tensorstore otherwise
+    uses conditional PUTs only on AWS endpoints and a check-then-write elsewhere, under which
+    two processes could both take a writer's lease (see ``lock.py``).
+    """
+    if isinstance(url, os.PathLike):
+        url = os.fspath(url)
+    if isinstance(url, Mapping):
+        try:
+            spec = ts.KvStore.Spec(dict(url)).to_json()
+        except (ValueError, TypeError) as e:
+            raise StoreError(f"{dict(url)!r} is not a tensorstore kvstore spec: {e}") from None
+    elif "://" not in url:
         spec = {"driver": "file", "path": os.path.abspath(os.path.expanduser(url))}
     else:
         try:
             spec = ts.KvStore.Spec(url).to_json()
         except ValueError as e:
             raise StoreError(f"{url!r} is not a tensorstore kvstore URL: {e}") from None
+    if spec.get("driver") == "s3":
+        spec.setdefault("use_conditional_write", True)
     path = spec.get("path", "")
     spec["path"] = path if not path or path.endswith("/") else path + "/"
     return spec
@@ -95,11 +112,16 @@ def codecs(codec: str, itemsize: int) -> list[dict]:
 class Root:
     """The store's root key-value store, opened once."""
 
-    def __init__(self, url: str, durable: bool = True):
+    def __init__(self, url: str | Mapping[str, Any], durable: bool = True):
         self.url = url
         self.spec = kvstore_spec(url)
         self.context = _context(durable)
         self.kv = wait(ts.KvStore.open(self.spec, context=self.context), f"opening {url}")
+
+    @property
+    def atomic(self) -> bool:
+        """Whether conditional writes are atomic here (local files are locked instead)."""
+        return not (self.spec["driver"] == "s3" and not self.spec["use_conditional_write"])
 
     @property
     def local(self) -> str | None:

@@ -91,7 +91,7 @@ class LogStore:
     @classmethod
     def create(
         cls,
-        url: str,
+        url: str | Mapping[str, Any],
         schema: StoreSchema,
         *,
         writer: int = 0,
@@ -103,7 +103,8 @@ class LogStore:
         """Create a store at ``url`` and open it for appending as ``writer``.
 
         Args:
-            url: local path, ``memory://name`` or any tensorstore kvstore URL (``gs://``, ...).
+            url: local path, ``memory://name``, any tensorstore kvstore URL (``gs://``,
+                ``s3://``...) or a kvstore spec dict (e.g. an S3 server's ``endpoint``).
             schema: the rows' layout, see :class:`StoreSchema`.
             writer: this process's shard (e.g. its rank); one process per writer id at a time.
             exist_ok: open an existing store instead of failing, if its schema is ``schema``.
@@ -137,7 +138,7 @@ class LogStore:
     @classmethod
     def open(
         cls,
-        url: str,
+        url: str | Mapping[str, Any],
         mode: Literal["r", "a"] = "r",
         *,
         writer: int = 0,
@@ -307,6 +308,50 @@ class LogStore:
     def dataset(self, layers: Sequence[str] | None = None) -> LogDataset:
         """A map-style ``torch.utils.data.Dataset`` over the committed rows (see LogDataset)."""
         return LogDataset(self.url, self._snap().counts, layers)
+
+    # what the store holds
+
+    @property
+    def spec(self) -> Any:
+        """The :class:`~logix_func.ProjectionSpec` the rows were computed with (``None`` if the
+        schema records none; the raw dict if it is not a ProjectionSpec's)."""
+        from ..projection import ProjectionSpec
+
+        data = self.schema.spec
+        if data is None:
+            return None
+        try:
+            return ProjectionSpec.from_dict(data)
+        except (ValueError, KeyError, TypeError):
+            return data
+
+    @property
+    def provenance(self) -> dict[str, str | None]:
+        """``{"spec": tag, "weights": fingerprint, "loss": name}`` recorded by the schema
+        (``None`` entries where it records none); influence checks it against the query."""
+        from ..origin import store_provenance
+
+        return store_provenance(self)
+
+    @property
+    def layers(self) -> dict[str, tuple[int, ...]]:
+        """Row shape per layer, ``{layer: shape}``."""
+        return dict(self.schema.layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stored rows' dtype."""
+        return self.schema.dtype
+
+    @property
+    def writers(self) -> dict[int, int]:
+        """Committed rows per writer id, ``{writer: rows}`` (writers with rows only)."""
+        return dict(self._snap().counts)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the committed rows, uncompressed (ids excluded): rows × row bytes."""
+        return len(self) * sum(self.schema.row_sizes.values()) * self.schema.dtype.itemsize
 
     def __repr__(self) -> str:
         mode = "a" if self._shard is not None else "r"

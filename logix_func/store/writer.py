@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+import warnings
 from collections import deque
 
 import numpy as np
@@ -47,6 +48,14 @@ class ShardWriter:
         self.expires = self.valid_until = float("inf")  # lease of the pending, last marker
         if root.local is not None:
             self.lock = lock.FileLock(root, writer)  # refuses a writer id in use
+        elif not root.atomic:
+            warnings.warn(
+                f"{root.url}: use_conditional_write is off, so taking writer {writer}'s lease is "
+                "a check, then a write: two processes opening the same writer id at once could "
+                "both take it. Give every process its own writer id (e.g. writer=rank), or "
+                "turn conditional writes on if the server supports them",
+                stacklevel=3,
+            )
         try:
             self._claim()
         except BaseException:
