@@ -314,12 +314,15 @@ def fit_curvature(
 
     ``cache`` (a folder, URL or kvstore spec): factors saved there by an earlier call are
     loaded instead of refitted when the weights fingerprint, spec, loss name, method, Fisher,
-    seed and the data (a hash of every batch, one pass without the model) all match; else
-    they are fitted and saved beside the others (see :mod:`logix_func.cache`).
+    seed, label sampler's name and the data (a hash of every batch, one pass without the
+    model) all match; else they are fitted and saved beside the others (see
+    :mod:`logix_func.cache`).
     """
     model = local_model(model)
     if cache is not None:
-        options = dict(method=method, fisher=fisher, seed=seed, loss_fn=loss_fn)
+        options = dict(
+            method=method, fisher=fisher, seed=seed, loss_fn=loss_fn, label_sampler=label_sampler
+        )
         record = curvature_record(model, params, loader, spec, **options)
         fit = lambda: fit_curvature(  # noqa: E731
             model, params, loader, spec, progress=progress, group=group, **options

@@ -98,3 +98,22 @@ def test_custom_loss_without_sampler_and_bad_samplers_are_named():
         )  # fmt: skip
     with pytest.raises(ValueError, match="fisher='true' only"):
         lf.fisher_logs(model, params, batch, spec, fisher="empirical", label_sampler=categorical)
+
+
+def test_cached_factors_are_keyed_by_the_sampler(tmp_path):
+    model, batch = case("classification")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    spec = lf.logra(model, rank=2)
+    kw = dict(method="kfac", fisher="true", loss_fn=ce, progress=False, cache=str(tmp_path))
+    fresh = lf.fit_curvature(model, params, [batch], spec, label_sampler=categorical, **kw)
+    again = lf.fit_curvature(model, params, [batch], spec, label_sampler=categorical, **kw)
+    torch.testing.assert_close(again["layers"], fresh["layers"])
+    plain = lf.fit_curvature(model, params, [batch], spec, method="kfac", progress=False)
+    torch.testing.assert_close(fresh["layers"], plain["layers"])  # the built-in draw
+
+    def first_class(outputs, targets, generator):
+        return torch.zeros_like(targets)
+
+    other = lf.fit_curvature(model, params, [batch], spec, label_sampler=first_class, **kw)
+    assert not torch.allclose(other["layers"]["2"]["S"], fresh["layers"]["2"]["S"])
+    assert len(list(tmp_path.iterdir())) == 2
