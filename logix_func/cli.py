@@ -105,9 +105,10 @@ def _parser() -> _Parser:
     )
     demo.add_argument(
         "--fisher",
-        choices=["true", "empirical", "exact"],
-        default="true",
-        help="which Fisher the factors estimate (true: labels drawn from the model)",
+        choices=["auto", "true", "empirical", "exact"],
+        default="auto",
+        help="which Fisher the factors estimate (true: labels drawn from the model; auto: the "
+        "exact expectation over the labels up to 16 classes, else true)",
     )
     demo.add_argument(
         "--damping",

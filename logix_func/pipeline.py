@@ -281,6 +281,11 @@ def query_grads(
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
+# Label seeds of the EKFAC pass, apart from the KFAC pass's seed + i (torch seeds its CPU generator
+# with 32 bits: an offset of 2**32 would repeat the same draws).
+EKFAC_SEED_OFFSET = 2**31
+
+
 def fit_curvature(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -288,7 +293,7 @@ def fit_curvature(
     spec: Any,
     *,
     method: Literal["kfac", "ekfac", "raw"] = "ekfac",
-    fisher: Fisher = "true",
+    fisher: Fisher = "auto",
     seed: int = 0,
     loss_fn: Any = None,
     label_sampler: LabelSampler | None = None,
@@ -298,11 +303,15 @@ def fit_curvature(
 ) -> dict[str, Any]:
     """Curvature factors of ``model`` over ``loader`` (one pass; two for EKFAC).
 
-    ``label_sampler``: with ``fisher="true"`` and a custom ``loss_fn``, draws the labels (see
-    :func:`~logix_func.fisher_logs`).
+    ``label_sampler``: with a custom ``loss_fn``, draws the labels for ``fisher="true"`` or
+    ``"auto"`` (see :func:`~logix_func.fisher_logs`).
 
-    Batch ``i`` draws its labels with seed ``seed + i`` (``fisher="true"``), the same in both
-    EKFAC passes, so the eigenvalue correction sees the labels the factors were fitted on.
+    ``fisher="auto"`` takes the exact expectation over the labels where that is cheap (few
+    classes, see :func:`logix_func.fisher_logs`) and samples them elsewhere. Where labels are
+    sampled, batch ``i`` draws them with seed ``seed + i`` in the KFAC pass and with
+    ``seed + i + EKFAC_SEED_OFFSET`` in the EKFAC pass: the eigenvalues are re-estimated on
+    draws independent of the ones the eigenbases were fitted to (the same draws bias them
+    towards that sample's noise: LDS 0.48 instead of 0.56 on the digits MLP 64-128-128-10).
 
     With a process ``group`` every rank passes the same loader and accumulates its batches
     (``i % world == rank``, still seeded ``seed + i``); the states are summed over the ranks
@@ -330,7 +339,7 @@ def fit_curvature(
         return cached(cache, f"curvature-{method}", record, fit)
     device = next(iter(params.values())).device
 
-    def passes(desc: str):
+    def passes(desc: str, offset: int = 0):
         batches = rank_batches(loader, group)
         total = rank_total(loader, group)
         bar = tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress)
@@ -341,7 +350,7 @@ def fit_curvature(
                 batch,
                 spec,
                 fisher=fisher,
-                seed=seed + i,
+                seed=seed + i + offset,
                 loss_fn=loss_fn,
                 label_sampler=label_sampler,
             )
@@ -370,6 +379,6 @@ def fit_curvature(
         return done(factors)
     e = ekfac(factors)
     state = e.init(device)
-    for grads, logs in passes("EKFAC"):
+    for grads, logs in passes("EKFAC", EKFAC_SEED_OFFSET):
         state = e.update(state, grads, logs)
     return done(finalize(e, state))

@@ -156,6 +156,24 @@ def test_empirical_and_true_fisher_match_their_definitions():
     torch.testing.assert_close(exact["layers"][""]["S"], expected)
 
 
+def test_auto_fisher_is_exact_for_few_classes_and_sampled_for_many():
+    few, many = nn.Linear(4, 3), nn.Linear(4, 17)
+    x = torch.randn(30, 4)
+    for model, classes, expected in [(few, 3, "exact"), (many, 17, "true")]:
+        y = torch.randint(0, classes, (30,))
+        params = dict(model.named_parameters())
+        spec = lf.logra(model, rank=None)
+        got = lf.fisher_logs(model, params, (x, y), spec, fisher="auto", seed=3)
+        want = lf.fisher_logs(model, params, (x, y), spec, fisher=expected, seed=3)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        assert got[0][""].shape[1] == (classes if expected == "exact" else 1)
+    params, spec, batch = dict(few.named_parameters()), lf.logra(few, rank=None), (x, y % 3)
+    with pytest.raises(ValueError, match="pass label_sampler=.*or fisher='empirical'"):
+        lf.fisher_logs(few, params, batch, spec, loss_fn=F.mse_loss)
+    with pytest.raises(ValueError, match="fisher must be one of"):
+        lf.fisher_logs(few, params, batch, spec, fisher="sampled")
+
+
 def test_chunked_and_merged_updates_equal_one_pass():
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
     x, y = torch.randn(24, 5), torch.randint(0, 3, (24,))

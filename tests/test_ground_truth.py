@@ -230,3 +230,77 @@ def test_train_mlps_rejects_bad_masks(split):
         digits.train_mlps(
             split.train_x, split.train_y, [0, 1], torch.eye(2, 1300, dtype=torch.bool) & False
         )
+
+
+# ---- the second ground truth: never tuned on (benchmarks/ground_truth/*_constant, *_deep_*) --
+
+
+@pytest.fixture(scope="module")
+def constant_loo():
+    return dict(np.load(DATA / "loo_logreg_constant.npz"))
+
+
+@pytest.fixture(scope="module")
+def deep():
+    return dict(np.load(DATA / "lds_deep_mlp.npz"))
+
+
+def test_constant_logreg_recipe_reproduces_the_stored_model_and_a_removal(constant_loo):
+    seed = int(constant_loo["split_seed"])
+    assert seed != digits.SPLIT_SEED
+    split = digits.digits_split(seed=seed)
+    x, y = digits.with_constant(split.train_x), split.train_y
+    n, l2 = len(y), float(constant_loo["l2"])
+    assert l2 == pytest.approx(1.0 / n) and int(constant_loo["n_train"]) == n
+    params = digits.train_logreg(x, y, l2, bias=False)
+    assert params.keys() == {"weight"} and params["weight"].shape == (10, 65)
+    stored = {"weight": torch.from_numpy(constant_loo["weight"])}
+    torch.testing.assert_close(params["weight"], stored["weight"], rtol=0, atol=1e-9)
+    # Stationary for Σ_n CE_n + (α/2)‖W‖² with α = 1, the "summed loss" form of the objective.
+    summed = flat_grad(
+        lambda p: (
+            torch.nn.functional.cross_entropy(x @ p["weight"].T, y, reduction="sum")
+            + 0.5 * p["weight"].square().sum()
+        ),
+        stored,
+    )
+    assert summed.abs().max() < 1e-8
+    m = int(np.abs(constant_loo["delta_loss"]).max(axis=0).argmax())
+    keep = torch.arange(n) != int(constant_loo["removed"][m])
+    retrained = digits.train_logreg(x[keep], y[keep], l2 * n / (n - 1), stored)
+    test = constant_loo["test"]
+    model = digits.logreg_model(inputs=65, bias=False)
+    test_x = digits.with_constant(split.test_x[test])
+    before = digits.per_example_loss(model, stored, test_x, split.test_y[test])
+    after = digits.per_example_loss(model, retrained, test_x, split.test_y[test])
+    np.testing.assert_allclose(
+        (after - before).numpy(), constant_loo["delta_loss"][:, m], rtol=1e-6, atol=1e-11
+    )
+
+
+def test_deep_lds_file_is_consistent(deep):
+    masks, per_seed = deep["masks"], deep["loss_per_seed"]
+    assert int(deep["split_seed"]) != digits.SPLIT_SEED
+    split = digits.digits_split(seed=int(deep["split_seed"]))
+    n, q = len(split.train_y), len(split.test_y)
+    assert masks.shape == (256, n) and (masks.sum(axis=1) == n // 2).all()
+    assert len(np.unique(masks, axis=0)) == len(masks)
+    assert per_seed.shape == deep["margin_per_seed"].shape == (256, 5, q)
+    assert np.isfinite(per_seed).all() and (per_seed >= 0).all()
+    # loss = softplus(-margin) for cross-entropy: the two stored outputs agree.
+    margin = deep["margin_per_seed"].astype(np.float64)
+    np.testing.assert_allclose(per_seed, np.logaddexp(0, -margin), rtol=1e-3, atol=1e-6)
+    assert (int(deep["width"]), int(deep["depth"])) == (128, 2)
+    assert len([k for k in deep if k.startswith("param")]) == 5 * 6
+
+
+def test_deep_mlp_recipe_reproduces_the_stored_model_and_a_subset(deep):
+    split = digits.digits_split(torch.float32, seed=int(deep["split_seed"]))
+    model = digits.mlp_model(128, torch.float32, depth=2)
+    params = digits.train_mlp(split.train_x, split.train_y, seed=2, width=128, depth=2)
+    for k, v in params.items():
+        np.testing.assert_allclose(v.numpy(), deep[f"param2/{k}"], rtol=0, atol=1e-5)
+    mask = torch.from_numpy(deep["masks"][5])
+    sub = digits.train_mlp(split.train_x[mask], split.train_y[mask], seed=3, width=128, depth=2)
+    losses = digits.per_example_loss(model, sub, split.test_x, split.test_y).numpy()
+    np.testing.assert_allclose(losses, deep["loss_per_seed"][5, 3], rtol=1e-4, atol=1e-6)

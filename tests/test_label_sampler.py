@@ -48,6 +48,10 @@ def test_custom_loss_and_sampler_equal_the_built_in_true_fisher(kind):
         model, params, batch, spec, fisher="true", seed=5, loss_fn=ce, label_sampler=categorical
     )
     torch.testing.assert_close(custom, built_in, rtol=1e-5, atol=1e-6)
+    auto = lf.fisher_logs(
+        model, params, batch, spec, fisher="auto", seed=5, loss_fn=ce, label_sampler=categorical
+    )
+    torch.testing.assert_close(auto, custom)  # a sampler makes "auto" draw with it
     empirical = lf.fisher_logs(model, params, batch, spec, fisher="empirical", loss_fn=ce)
     last = "2" if kind == "classification" else "head"
     assert not torch.allclose(custom[0][last], empirical[0][last])  # the labels were drawn
@@ -89,14 +93,15 @@ def test_custom_loss_without_sampler_and_bad_samplers_are_named():
     model, batch = case("classification")
     params = {n: p.detach() for n, p in model.named_parameters()}
     spec = lf.logra(model, rank=2)
-    with pytest.raises(ValueError, match="pass label_sampler="):
-        lf.fisher_logs(model, params, batch, spec, fisher="true", loss_fn=ce)
+    for fisher in ("true", "auto"):
+        with pytest.raises(ValueError, match="pass label_sampler="):
+            lf.fisher_logs(model, params, batch, spec, fisher=fisher, loss_fn=ce)
     with pytest.raises(ValueError, match=r"label_sampler returned \(\(16, 1\)"):
         lf.fisher_logs(
             model, params, batch, spec, fisher="true", loss_fn=ce,
             label_sampler=lambda out, t, g: categorical(out, t, g)[:, None],
         )  # fmt: skip
-    with pytest.raises(ValueError, match="fisher='true' only"):
+    with pytest.raises(ValueError, match=r"fisher='true' \(or 'auto'\) only"):
         lf.fisher_logs(model, params, batch, spec, fisher="empirical", label_sampler=categorical)
 
 
@@ -108,7 +113,9 @@ def test_cached_factors_are_keyed_by_the_sampler(tmp_path):
     fresh = lf.fit_curvature(model, params, [batch], spec, label_sampler=categorical, **kw)
     again = lf.fit_curvature(model, params, [batch], spec, label_sampler=categorical, **kw)
     torch.testing.assert_close(again["layers"], fresh["layers"])
-    plain = lf.fit_curvature(model, params, [batch], spec, method="kfac", progress=False)
+    plain = lf.fit_curvature(
+        model, params, [batch], spec, method="kfac", fisher="true", progress=False
+    )
     torch.testing.assert_close(fresh["layers"], plain["layers"])  # the built-in draw
 
     def first_class(outputs, targets, generator):

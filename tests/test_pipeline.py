@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import logix_func as lf
 from logix_func.cli import main
-from logix_func.pipeline import fit_curvature, log_dataset
+from logix_func.pipeline import EKFAC_SEED_OFFSET, fit_curvature, log_dataset
 
 
 def small_problem():
@@ -55,12 +55,18 @@ def test_fit_curvature_equals_the_transforms_by_hand():
     state = k.init(spec)
     batches = list(loader)
     for i, b in enumerate(batches):
-        state = k.update(state, lf.fisher_logs(model, params, b, spec, seed=5 + i)[1])
+        state = k.update(
+            state, lf.fisher_logs(model, params, b, spec, fisher="true", seed=5 + i)[1]
+        )
     e = lf.ekfac(k.finalize(state))
     est = e.init()
     for i, b in enumerate(batches):
-        est = e.update(est, lf.fisher_logs(model, params, b, spec, seed=5 + i)[0])
+        draw = 5 + i + EKFAC_SEED_OFFSET  # the eigenvalue pass draws its own labels
+        est = e.update(est, lf.fisher_logs(model, params, b, spec, fisher="true", seed=draw)[0])
     want = e.finalize(est)
+    kfac_draw = lf.sample_targets(model, params, batches[0], seed=5)[1]
+    ekfac_draw = lf.sample_targets(model, params, batches[0], seed=5 + EKFAC_SEED_OFFSET)[1]
+    assert not torch.equal(kfac_draw, ekfac_draw)  # independent draws in the two passes
     for name, f in want["layers"].items():
         for key, v in f.items():
             torch.testing.assert_close(got["layers"][name][key], v)

@@ -16,6 +16,7 @@ import torch
 
 import logix_func as lf
 from logix_func import digits
+from logix_func.pipeline import fit_curvature
 
 DATA = Path(__file__).parent / "data" / "loo_logreg.npz"
 
@@ -88,3 +89,74 @@ def test_approximate_curvatures_rank_between_identity_and_exact(loo):
         print(f"{name}: Pearson {value:.4f}")
     identity = figures.pop("identity")
     assert all(identity < value < exact for value in figures.values())
+
+
+# ---- the constant-column logistic regression, another split (never tuned on) -----------------
+
+CONSTANT = Path(__file__).parent / "data" / "loo_logreg_constant.npz"
+
+
+@pytest.fixture(scope="module")
+def constant():
+    """The problem of ``benchmarks.ground_truth.loo_logreg_constant``: 65 inputs incl. a
+    constant, no bias, l2 = 1/N; 100 random removals × 20 random test points."""
+    stored = np.load(CONSTANT)
+    split = digits.digits_split(seed=int(stored["split_seed"]))
+    x = digits.with_constant(split.train_x)
+    test = torch.from_numpy(stored["test"])
+    removed = torch.from_numpy(stored["removed"])
+    model = digits.logreg_model(inputs=65, bias=False)
+    params = {"weight": torch.from_numpy(stored["weight"])}
+    spec = lf.logra(model, rank=None)
+    query = (digits.with_constant(split.test_x[test]), split.test_y[test])
+    return {
+        "model": model,
+        "params": params,
+        "spec": spec,
+        "loader": list(zip(x.split(325), split.train_y.split(325), strict=True)),
+        "train": lf.projected_grads(model, params, (x[removed], split.train_y[removed]), spec),
+        "query": lf.projected_grads(model, params, query, spec),
+        "actual": stored["delta_loss"],
+        "l2": float(stored["l2"]),
+        "n": len(split.train_y),
+    }
+
+
+def constant_pearson(constant, factors, damping=None) -> float:
+    pre = lf.preconditioner(factors, damping=damping)
+    scores = lf.influence(constant["query"], constant["train"], preconditioner=pre).double()
+    return lf.loo_correlation(scores / constant["n"], constant["actual"])[0]
+
+
+def test_default_pipeline_predicts_leave_one_out_on_unseen_data(constant):
+    """`fit_curvature` + `preconditioner` with no options: EKFAC, the exact expectation over
+    the 10 labels, damping 0.1 × the mean eigenvalue. Measured 0.914 (docs/validation.md);
+    Kronfluence's EKFAC on the same problem 0.886 ± 0.014 over label draws."""
+    c = constant
+    factors = fit_curvature(c["model"], c["params"], c["loader"], c["spec"], progress=False)
+    default = constant_pearson(c, factors)
+    sampled = [
+        constant_pearson(
+            c,
+            fit_curvature(
+                c["model"],
+                c["params"],
+                c["loader"],
+                c["spec"],
+                fisher="true",
+                seed=seed,
+                progress=False,
+            ),
+        )
+        for seed in (0, 1, 2)
+    ]
+    print(f"default {default:.4f}, sampled labels {sampled}")
+    assert default >= 0.85 and np.mean(sampled) >= 0.85
+
+
+def test_exact_influence_predicts_leave_one_out_on_unseen_data(constant):
+    c = constant
+    x = torch.cat([b[0] for b in c["loader"]])
+    y = torch.cat([b[1] for b in c["loader"]])
+    hessian = lf.exact_curvature(c["model"], c["params"], (x, y), c["spec"], kind="hessian")
+    assert constant_pearson(c, hessian, c["l2"]) >= 0.97

@@ -44,15 +44,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_model(params: dict[str, torch.Tensor]) -> nn.Sequential:
-    """The problem's model with ``params`` loaded: the digits MLP (64-h-10, tanh) or the
-    logistic regression (one Linear(64, 10), wrapped so that every tool sees a named layer)."""
+    """The problem's model with ``params`` loaded: ``Linear`` layers named ``0``, ``2``, … with
+    ``Tanh`` between them (the digits MLPs), or a single ``Linear`` (the logistic regression,
+    wrapped so that every tool sees a named layer); a layer has a bias where ``params`` do."""
     dtype = params["0.weight"].dtype
-    if "2.weight" in params:
-        width = params["0.weight"].shape[0]
-        model = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, 10))
-    else:
-        model = nn.Sequential(nn.Linear(64, 10))
-    model = model.to(dtype)
+    layers: list[nn.Module] = []
+    for i in range(0, 2 * sum(k.endswith(".weight") for k in params), 2):
+        out_features, in_features = params[f"{i}.weight"].shape
+        layers += [nn.Linear(in_features, out_features, bias=f"{i}.bias" in params), nn.Tanh()]
+    model = nn.Sequential(*layers[:-1]).to(dtype)
     model.load_state_dict(params)
     return model.eval()
 

@@ -1,10 +1,11 @@
 """logix_func's pipeline: LoGra (or full gradients) + EKFAC, through the public API.
 
 Stages: ``log_dataset`` of the training gradients to a LogStore in WORKDIR (extract),
-``fit_curvature(method="ekfac", fisher="true")`` saved with ``save_state`` (curvature), then
-the query gradients, ``preconditioner(factors)`` (damping 0.1 × each layer's mean eigenvalue)
-and ``influence`` over the store (score). Options: ``{"rank": 64, "fisher": "true", "seed": 0}``
-(``rank: null`` = full gradients; ``fisher: "exact"`` = the expectation over all labels).
+``fit_curvature(method="ekfac")`` with its default Fisher (``"auto"``: the expectation over
+all labels for these 10 classes) saved with ``save_state`` (curvature), then the query
+gradients, ``preconditioner(factors)`` (damping 0.1 × each layer's mean eigenvalue) and
+``influence`` over the store (score). Options: ``{"rank": 64, "fisher": "auto", "seed": 0}``
+(``rank: null`` = full gradients; ``fisher: "true"`` = one sampled label per example).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main() -> None:
     train = batches(problem["train"], args.batch_size)
     query = batches(problem["query"], args.batch_size)
     rank = args.options.get("rank", 64)
-    fisher, seed = args.options.get("fisher", "true"), args.options.get("seed", 0)
+    fisher, seed = args.options.get("fisher", "auto"), args.options.get("seed", 0)
 
     rec = Recorder()
     spec = lf.logra(model, rank=rank)

@@ -29,31 +29,47 @@ from logix_func.metrics import lds, spearman
 N_SUBSETS, SEEDS, ALPHA, SUBSET_SEED, CHUNK = 100, (0, 1, 2), 0.5, 0, 20
 
 
-def subset_masks(n: int, count: int = N_SUBSETS, alpha: float = ALPHA) -> np.ndarray:
+def subset_masks(
+    n: int, count: int = N_SUBSETS, alpha: float = ALPHA, seed: int = SUBSET_SEED
+) -> np.ndarray:
     """``[count, n]`` boolean masks, each with exactly ``round(alpha * n)`` entries set."""
-    rng = np.random.default_rng(SUBSET_SEED)
+    rng = np.random.default_rng(seed)
     masks = np.zeros((count, n), dtype=bool)
     for row in masks:
         row[rng.permutation(n)[: round(alpha * n)]] = True
     return masks
 
 
-def retrain_outputs(split: digits.DigitsSplit, masks: np.ndarray) -> np.ndarray:
-    """Test losses ``[S, len(SEEDS), Q]`` of the MLPs retrained on each subset with each seed."""
-    model = digits.mlp_model()
-    out = np.zeros((len(masks), len(SEEDS), len(split.test_y)))
-    for start in range(0, len(masks), CHUNK):
-        chunk = torch.from_numpy(masks[start : start + CHUNK])
-        seeds = [s for _ in range(len(chunk)) for s in SEEDS]
+def retrain_outputs(
+    split: digits.DigitsSplit,
+    masks: np.ndarray,
+    seeds: tuple[int, ...] = SEEDS,
+    chunk: int = CHUNK,
+    measures: tuple = (digits.per_example_loss,),
+    **mlp,
+) -> list[np.ndarray]:
+    """Per measure, ``[S, len(seeds), Q]``: each test output of the MLPs retrained on each subset
+    with each seed. A measure is ``fn(model, params, x, y) -> [Q]``; ``mlp`` goes to
+    `digits.train_mlps` (width, depth, ...)."""
+    model = digits.mlp_model(mlp.get("width", digits.MLP_WIDTH), depth=mlp.get("depth", 1))
+    outs = [np.zeros((len(masks), len(seeds), len(split.test_y))) for _ in measures]
+    for start in range(0, len(masks), chunk):
+        block = torch.from_numpy(masks[start : start + chunk])
+        run_seeds = [s for _ in range(len(block)) for s in seeds]
         stacked = digits.train_mlps(
-            split.train_x, split.train_y, seeds, chunk.repeat_interleave(len(SEEDS), dim=0)
+            split.train_x,
+            split.train_y,
+            run_seeds,
+            block.repeat_interleave(len(seeds), dim=0),
+            **mlp,
         )
-        for m in range(len(seeds)):
+        for m in range(len(run_seeds)):
             params = {k: v[m] for k, v in stacked.items()}
-            loss = digits.per_example_loss(model, params, split.test_x, split.test_y)
-            out[start + m // len(SEEDS), m % len(SEEDS)] = loss.numpy()
-        print(f"  retrained {start + len(chunk)}/{len(masks)} subsets", flush=True)
-    return out
+            for out, measure in zip(outs, measures, strict=True):
+                value = measure(model, params, split.test_x, split.test_y)
+                out[start + m // len(seeds), m % len(seeds)] = value.numpy()
+        print(f"  retrained {start + len(block)}/{len(masks)} subsets", flush=True)
+    return outs
 
 
 def reference_scores(split: digits.DigitsSplit, params: dict) -> dict[str, torch.Tensor]:
@@ -116,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"full MLP: test loss {test_loss.mean():.4f}, test accuracy {accuracy:.4f}")
 
     masks = subset_masks(len(split.train_y))
-    per_seed = retrain_outputs(split, masks)
+    (per_seed,) = retrain_outputs(split, masks)
     outputs = per_seed.mean(axis=1)
     np.savez_compressed(
         args.out,

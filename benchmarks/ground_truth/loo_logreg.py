@@ -41,9 +41,36 @@ def pick(losses: torch.Tensor, n_high: int, n_random: int, rng: np.random.Genera
     return np.sort(np.concatenate([high, rng.choice(rest, n_random, replace=False)]))
 
 
+def loo_deltas(
+    split: digits.DigitsSplit,
+    params: dict,
+    l2: float,
+    removed: np.ndarray,
+    test: np.ndarray,
+    *,
+    mean_over_rest: bool = False,
+) -> np.ndarray:
+    """``[Q, M]``: test loss q after retraining without ``removed[m]`` minus before.
+
+    Removal zeroes the example's weight in the mean over N (``l2 * N / (N - 1)`` on the mean
+    over the rest), or with ``mean_over_rest`` keeps ``l2`` on the mean over the N - 1 others.
+    """
+    n = len(split.train_y)
+    model = digits.logreg_model(inputs=split.train_x.shape[1], bias="bias" in params)
+    test_x, test_y = split.test_x[test], split.test_y[test]
+    before = digits.per_example_loss(model, params, test_x, test_y)
+    reg = l2 if mean_over_rest else l2 * n / (n - 1)
+    delta = np.zeros((len(test), len(removed)))
+    for m, i in enumerate(removed):
+        keep = torch.arange(n) != int(i)
+        loo = digits.train_logreg(split.train_x[keep], split.train_y[keep], reg, init=params)
+        delta[:, m] = (digits.per_example_loss(model, loo, test_x, test_y) - before).numpy()
+    return delta
+
+
 def exact_influence(params, split, removed, test, l2) -> np.ndarray:
     """``g_qᵀ H⁻¹ g_i`` for each test q and removed i: ``[Q, M]``, float64."""
-    model = digits.logreg_model()
+    model = digits.logreg_model(inputs=split.train_x.shape[1], bias="bias" in params)
     names = list(params)
     flat = torch.cat([params[k].flatten() for k in names])
     sizes = [params[k].numel() for k in names]
@@ -69,51 +96,51 @@ def exact_influence(params, split, removed, test, l2) -> np.ndarray:
     return (g_test @ torch.linalg.solve(hess, g_train.T)).numpy()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="tests/data/loo_logreg.npz")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # small matrices: a second thread only adds contention
-    start = time.perf_counter()
+def generate(
+    split: digits.DigitsSplit,
+    l2: float,
+    out_path: str,
+    *,
+    counts: tuple[int, int, int, int] = (N_HIGH_LOSS, N_RANDOM, N_TEST_HIGH, N_TEST_RANDOM),
+    seed: int = SEED,
+    split_seed: int = digits.SPLIT_SEED,
+) -> None:
+    """Train on ``split``, retrain without each picked example, save and print the check.
 
-    split = digits.digits_split()
-    l2, n = digits.LOGREG_L2, len(split.train_y)
-    model = digits.logreg_model()
-    params = digits.train_logreg(split.train_x, split.train_y, l2)
-    rng = np.random.default_rng(SEED)
+    ``counts``: removed (highest-loss, random), test points (highest-loss, random). The model
+    has a bias unless the inputs already carry a constant column (``with_constant``), as for
+    `digits.train_logreg`: here, a bias exactly when the inputs have 64 columns.
+    """
+    start = time.perf_counter()
+    n, bias = len(split.train_y), split.train_x.shape[1] == 64
+    model = digits.logreg_model(inputs=split.train_x.shape[1], bias=bias)
+    params = digits.train_logreg(split.train_x, split.train_y, l2, bias=bias)
+    rng = np.random.default_rng(seed)
     train_loss = digits.per_example_loss(model, params, split.train_x, split.train_y)
     test_loss_all = digits.per_example_loss(model, params, split.test_x, split.test_y)
-    removed = pick(train_loss, N_HIGH_LOSS, N_RANDOM, rng)
-    test = pick(test_loss_all, N_TEST_HIGH, N_TEST_RANDOM, rng)
-    test_x, test_y = split.test_x[test], split.test_y[test]
+    removed = pick(train_loss, counts[0], counts[1], rng)
+    test = pick(test_loss_all, counts[2], counts[3], rng)
     test_loss = test_loss_all[test]
 
-    delta = np.zeros((len(test), len(removed)))
-    delta_mean = np.zeros_like(delta)
-    for m, i in enumerate(removed):
-        keep = torch.arange(n) != int(i)
-        x, y = split.train_x[keep], split.train_y[keep]
-        for out, reg in [(delta, l2 * n / (n - 1)), (delta_mean, l2)]:
-            loo = digits.train_logreg(x, y, reg, init=params)
-            out[:, m] = (digits.per_example_loss(model, loo, test_x, test_y) - test_loss).numpy()
+    delta = loo_deltas(split, params, l2, removed, test)
+    delta_mean = loo_deltas(split, params, l2, removed, test, mean_over_rest=True)
 
     predicted = exact_influence(params, split, removed, test, l2) / n
     np.savez_compressed(
-        args.out,
+        out_path,
         l2=l2,
         n_train=n,
-        split_seed=digits.SPLIT_SEED,
-        weight=params["weight"].numpy(),
-        bias=params["bias"].numpy(),
+        split_seed=split_seed,
         removed=removed,
         test=test,
         test_loss=test_loss.numpy(),
         delta_loss=delta,
         delta_loss_mean=delta_mean,
+        **{k: v.numpy() for k, v in params.items()},
     )
     acc = (functional_call(model, params, (split.test_x,)).argmax(1) == split.test_y).double()
-    print(f"logreg l2={l2}: train loss {train_loss.mean():.4f}, test accuracy {acc.mean():.4f}")
-    print(f"{len(removed)} removed x {len(test)} test points, saved to {args.out}")
+    print(f"logreg l2={l2:.4g}: train loss {train_loss.mean():.4f}, test accuracy {acc.mean():.4f}")
+    print(f"{len(removed)} removed x {len(test)} test points, saved to {out_path}")
     for name, actual in [("delta_loss", delta), ("delta_loss_mean", delta_mean)]:
         r = stats.pearsonr(predicted.ravel(), actual.ravel())[0]
         rho = stats.spearmanr(predicted.ravel(), actual.ravel())[0]
@@ -123,6 +150,14 @@ def main(argv: list[str] | None = None) -> None:
             f"mean per-test Pearson {per_q:.4f}"
         )
     print(f"time {time.perf_counter() - start:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="tests/data/loo_logreg.npz")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # small matrices: a second thread only adds contention
+    generate(digits.digits_split(), digits.LOGREG_L2, args.out)
 
 
 if __name__ == "__main__":

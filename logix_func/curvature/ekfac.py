@@ -1,7 +1,9 @@
 """EKFAC (George et al. 2018): KFAC's eigenbases with eigenvalues refitted per entry.
 
 ``Λ = E_samples[(Q_Sᵀ G Q_A)²]`` replaces KFAC's ``λ_S λ_Aᵀ``; it needs per-sample
-gradients computed with the same labels as the KFAC factors.
+gradients under the same Fisher as the KFAC factors. Where labels are sampled, draw them
+afresh (other seeds): eigenvalues measured on the very draws the eigenbases were fitted to are
+biased towards that sample's noise.
 
 With ``G = Σ_t δ_t a_tᵀ`` the rotation can also be taken token by token:
 ``Q_Sᵀ G Q_A = Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ``. Given the KFAC logs, each layer takes whichever

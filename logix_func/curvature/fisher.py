@@ -9,6 +9,12 @@
   gradients ``v_c`` factor the output Hessian (``Σ_c v_c v_cᵀ = diag(p) − p pᵀ`` for
   cross-entropy, ``I`` for squared error): one batched pass over
   every (sample, class) pair, so for few classes only.
+* ``"auto"`` (the default): ``"exact"`` where it is cheap — ``(inputs, targets)`` batches with
+  the default loss and at most `EXACT_MAX_OUTPUTS` outputs per sample, i.e. at most that many
+  backward passes per sample — and ``"true"`` elsewhere (language models, many classes,
+  custom losses are refused by both). The expectation is deterministic: it removes the
+  sampling noise of one drawn label per sample, which moves attribution accuracy by a few
+  hundredths from seed to seed (docs/validation.md).
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from torch import Tensor, nn
 from ..batch import IGNORE_INDEX, ModelBatch, is_causal_lm, logits_of
 from ..grads import split_weights
 from ..projected import projected_grads
-from .kfac import Fisher
+from .kfac import FISHERS, Fisher
+
+EXACT_MAX_OUTPUTS = 16
 
 
 def _with_targets(batch: Any, targets: Tensor) -> Any:
@@ -127,44 +135,53 @@ def fisher_logs(
     batch: Any,
     spec: Any,
     *,
-    fisher: Fisher = "true",
+    fisher: Fisher = "auto",
     seed: int = 0,
     loss_fn: Any = None,
     label_sampler: LabelSampler | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Projected gradients and KFAC logs of ``batch`` under the chosen Fisher.
 
-    ``fisher="true"`` with a custom ``loss_fn`` needs ``label_sampler(outputs, targets,
-    generator) -> targets``: ``outputs`` are the model's on the whole batch (no gradient),
-    ``targets`` the batch's, ``generator`` a ``torch.Generator`` seeded with ``seed``; it returns
-    targets of the same shape and dtype drawn from the distribution whose negative
-    log-likelihood the loss is. The default losses draw their own (:func:`sample_targets`).
+    ``fisher="true"`` (or ``"auto"``) with a custom ``loss_fn`` needs ``label_sampler(outputs,
+    targets, generator) -> targets``, and a sampler makes ``"auto"`` draw with it. ``outputs``
+    are the model's on the whole batch (no gradient), ``targets`` the batch's, ``generator`` a
+    ``torch.Generator`` seeded with ``seed``; it returns targets of the same shape and dtype
+    drawn from the distribution whose negative log-likelihood the loss is. The default losses
+    draw their own (:func:`sample_targets`).
 
     Returns ``(grads, logs)`` as :func:`logix_func.projected_grads` with
     ``return_activations=True``, plus a label-draw axis D after the batch axis:
     grads ``{layer: [B, D, k_out, k_in]}``, backprops ``[B, D, T, k_out]`` (D = 1 unless
-    ``fisher="exact"``, where D = number of classes).
+    the expectation is exact — ``fisher="exact"``, or ``"auto"`` with few outputs —
+    where D = number of classes).
     """
-    if label_sampler is not None and fisher != "true":
-        raise ValueError(f"label_sampler draws labels for fisher='true' only, got {fisher!r}")
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+    if label_sampler is not None:
+        if fisher not in ("true", "auto"):
+            raise ValueError(
+                f"label_sampler draws labels for fisher='true' (or 'auto') only, got {fisher!r}"
+            )
+        fisher = "true"  # the user's draw: the exact expectation needs the default loss
+    logits = None
+    if fisher == "auto":
+        logits = _cheap_exact_logits(model, params, batch, loss_fn)
+        fisher = "true" if logits is None else "exact"
     if fisher == "exact":
-        return _exact_logs(model, params, batch, spec, loss_fn)
+        return _exact_logs(model, params, batch, spec, loss_fn, logits)
     if fisher == "empirical":
         labelled, fn = batch, loss_fn
-    elif fisher == "true":
-        if label_sampler is not None:
-            labelled, fn = _sampled_by(label_sampler, model, params, batch, seed=seed), loss_fn
-        elif loss_fn is not None:
-            raise ValueError(
-                "fisher='true' draws labels from the model's predictive distribution, which a "
-                "custom loss_fn does not say: pass label_sampler=fn(outputs, targets, "
-                "generator) -> drawn targets (the distribution whose negative log-likelihood "
-                "the loss is), or fisher='empirical'"
-            )
-        else:
-            labelled, fn = sample_targets(model, params, batch, seed=seed), None
+    elif label_sampler is not None:
+        labelled, fn = _sampled_by(label_sampler, model, params, batch, seed=seed), loss_fn
+    elif loss_fn is not None:
+        raise ValueError(
+            "fisher='true' (and 'auto' with a custom loss) draws labels from the model's "
+            "predictive distribution, which a custom loss_fn does not say: pass "
+            "label_sampler=fn(outputs, targets, generator) -> drawn targets (the distribution "
+            "whose negative log-likelihood the loss is), or fisher='empirical'"
+        )
     else:
-        raise ValueError(f"fisher must be 'true', 'empirical' or 'exact', got {fisher!r}")
+        labelled, fn = sample_targets(model, params, batch, seed=seed), None
     grads, logs = projected_grads(
         model, params, labelled, spec, loss_fn=fn, return_activations=True
     )
@@ -173,8 +190,24 @@ def fisher_logs(
     return grads, logs
 
 
+def _cheap_exact_logits(
+    model: nn.Module, params: Mapping[str, Tensor], batch: Any, loss_fn: Any
+) -> Tensor | None:
+    """The batch's logits where ``fisher="auto"`` takes the exact expectation — an ``(inputs,
+    targets)`` batch, the default loss, at most `EXACT_MAX_OUTPUTS` outputs — else None."""
+    if loss_fn is not None or isinstance(batch, Mapping):
+        return None
+    logits = _logits(model, params, ModelBatch.from_batch(batch))
+    return logits if logits.shape[-1] <= EXACT_MAX_OUTPUTS else None
+
+
 def _exact_logs(
-    model: nn.Module, params: Mapping[str, Tensor], batch: Any, spec: Any, loss_fn: Any
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    spec: Any,
+    loss_fn: Any,
+    logits: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Every sample repeated once per class, each copy with its pseudo-loss: one batched pass."""
     if loss_fn is not None or isinstance(batch, Mapping):
@@ -183,7 +216,7 @@ def _exact_logs(
             "loss; use fisher='true' for language models or custom losses"
         )
     mb = ModelBatch.from_batch(batch)
-    logits = _logits(model, params, mb)
+    logits = _logits(model, params, mb) if logits is None else logits
     directions = torch.stack(_hessian_factors(logits, mb.tensors["targets"]), dim=1)
     size, draws = directions.shape[:2]
     copies = torch.arange(size, device=directions.device).repeat_interleave(draws)

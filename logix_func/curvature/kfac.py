@@ -13,7 +13,8 @@ from torch import Tensor
 
 from .transform import Transform, check_counted, check_finite, check_layers, layer_dims, spec_tag
 
-Fisher = Literal["true", "empirical", "exact"]
+Fisher = Literal["auto", "true", "empirical", "exact"]
+FISHERS = ("auto", "true", "empirical", "exact")
 
 
 def eigh64(matrix: Tensor) -> tuple[Tensor, Tensor]:
@@ -23,13 +24,14 @@ def eigh64(matrix: Tensor) -> tuple[Tensor, Tensor]:
     return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
 
 
-def kfac(fisher: Fisher = "true", *, dtype: torch.dtype = torch.float32) -> Transform:
+def kfac(fisher: Fisher = "auto", *, dtype: torch.dtype = torch.float32) -> Transform:
     """KFAC factors as an init/update/finalize transform.
 
     ``fisher`` records which labels the logs must be computed with (see
     :func:`logix_func.fisher_logs`): ``"true"`` samples them from the model (Kronfluence's
     default), ``"empirical"`` uses the data's (LogIX's), ``"exact"`` takes the expectation over
-    every label. The transform itself accumulates whatever logs it is given.
+    every label, ``"auto"`` the expectation where it is cheap and a sample elsewhere. The
+    transform itself accumulates whatever logs it is given.
 
     * ``init(spec, device=None) -> state``
     * ``update(state, logs) -> state`` with ``logs = {layer: {"activations": [B, T, k_in],
@@ -37,8 +39,8 @@ def kfac(fisher: Fisher = "true", *, dtype: torch.dtype = torch.float32) -> Tran
     * ``finalize(state) -> factors``: per layer ``A``, ``S``, eigenbases ``QA``, ``QS`` and
       ``eigenvalues = λ_S λ_Aᵀ`` of shape ``[k_out, k_in]``.
     """
-    if fisher not in ("true", "empirical", "exact"):
-        raise ValueError(f"fisher must be 'true', 'empirical' or 'exact', got {fisher!r}")
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
 
     def init(spec: Any, device: torch.device | str | None = None) -> dict[str, Any]:
         def zeros(*shape: int) -> Tensor:

@@ -69,7 +69,8 @@ class AttributionArguments:
         exclude: names or patterns of layers to leave out (e.g. ``["*embed*"]``).
         method: curvature: ``"ekfac"``, ``"kfac"``, ``"raw"`` (full covariance of each layer's
             projected gradient) or ``"none"`` (plain gradient dot products).
-        fisher: ``"true"`` (sampled labels), ``"empirical"`` (the data's) or ``"exact"``.
+        fisher: ``"auto"`` (exact where cheap, else sampled), ``"true"`` (sampled labels),
+            ``"empirical"`` (the data's) or ``"exact"``.
         damping: ``None`` = 0.1 × the mean eigenvalue per layer; a float is absolute.
         dtype: dtype of the stored rows.
         ids: ``"index"`` (dataset positions) or ``ids(batch, offset) -> Tensor [B]`` of the
@@ -90,7 +91,7 @@ class AttributionArguments:
     layers: Sequence[str] | None = None
     exclude: Sequence[str] | None = None
     method: Method = "ekfac"
-    fisher: Fisher = "true"
+    fisher: Fisher = "auto"
     damping: float | None = None
     dtype: torch.dtype = torch.float32
     ids: Literal["index"] | Callable[[Any, int], Tensor] = "index"
