@@ -338,3 +338,41 @@ def test_bad_options_are_named():
         AttributionArguments(method="lissa")
     with pytest.raises(ValueError, match="ids"):
         AttributionArguments(ids="content")
+
+
+def tensors(tree) -> list[torch.Tensor]:
+    """Every tensor of nested dicts, lists and tuples, in order."""
+    if torch.is_tensor(tree):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in tensors(v)]
+    return []
+
+
+def test_curvature_is_found_again_by_a_later_attribution(trainer, tmp_path):
+    """Factors are kept under the cache folder: a new Attribution (as in a new process) on the
+    same weights loads them unchanged; other weights fit and keep their own."""
+    options = AttributionArguments(
+        store=str(tmp_path / "log"),
+        rank=4,
+        method="kfac",
+        cache=str(tmp_path / "c"),
+        progress=False,
+    )
+    first = Attribution(trainer, options).fit_curvature()
+    (entry,) = (tmp_path / "c").iterdir()
+    stamp = entry.stat().st_mtime_ns
+    again = Attribution(trainer, options).fit_curvature()
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [entry.name]
+    assert entry.stat().st_mtime_ns == stamp  # loaded, not fitted and written again
+    assert len(tensors(first)) > 0
+    assert all(torch.equal(a, b) for a, b in zip(tensors(first), tensors(again), strict=True))
+
+    other = tiny_llama()  # untrained weights, same data and options
+    fresh = transformers.Trainer(model=other, args=training_args(tmp_path), train_dataset=TRAIN)
+    Attribution(fresh, options).fit_curvature()
+    assert len(list((tmp_path / "c").iterdir())) == 2
+    refit = Attribution(trainer, AttributionArguments(**{**vars(options), "cache": False}))
+    assert refit._cache is None and len(list((tmp_path / "c").iterdir())) == 2

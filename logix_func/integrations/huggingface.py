@@ -83,6 +83,10 @@ class AttributionArguments:
         measurement: what is attributed for a query, with ``loss_fn``'s signature: loss-like
             (lower is better), e.g. the loss of a completion only or ``-margin``; ``None`` =
             ``loss_fn``. Only query rows use it; training rows and curvature use ``loss_fn``.
+        cache: where fitted curvature factors are kept and found again by a later process
+            (``fit_curvature(cache=...)``: reused only for the same weights, spec, loss,
+            method, Fisher, seed and data); ``None`` = ``<output_dir>/attribution/curvature``,
+            ``False`` = refit every time.
     """
 
     store: str | None = None
@@ -99,6 +103,7 @@ class AttributionArguments:
     progress: bool | None = None
     loss_fn: Callable[[Any, Tensor], Tensor] | None = None
     measurement: Callable[[Any, Tensor], Tensor] | None = None
+    cache: str | dict | Literal[False] | None = None
 
     def __post_init__(self):
         if self.method not in ("kfac", "ekfac", "raw", "none"):
@@ -170,6 +175,15 @@ class Attribution:
             return self.args.store
         weights = weights_fingerprint(self.model)
         return f"{self.trainer.args.output_dir}/attribution/weights-{weights}"
+
+    @property
+    def _cache(self) -> str | dict | None:
+        """Where :meth:`fit_curvature` keeps its factors (``None``: nowhere)."""
+        if self.args.cache is False:
+            return None
+        if self.args.cache is not None:
+            return self.args.cache
+        return f"{self.trainer.args.output_dir}/attribution/curvature"
 
     @property
     def group(self) -> Group:
@@ -251,6 +265,7 @@ class Attribution:
                     loss_fn=self.args.loss_fn,
                     progress=self._progress,
                     group=self.group,
+                    cache=self._cache,
                 )
             self._factors = (step, dataset, factors)
         return self._factors[2]
