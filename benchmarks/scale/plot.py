@@ -23,8 +23,8 @@ def main() -> None:
     n = [r["rows"] for r in scoring["results"]]
     for case, style in (
         ("read+matmul", "k--"),
-        ("influence (chunk_rows=4096)", "C0o-"),
-        ("influence (chunk_rows=stored)", "C1s-"),
+        ("influence (default)", "C0o-"),
+        ("influence (chunk_rows=4096)", "C1s-"),
         ("self_influence", "C2^-"),
     ):
         time_ax.loglog(n, [r["seconds"][case] for r in scoring["results"]], style, label=case)
