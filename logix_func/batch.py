@@ -184,8 +184,8 @@ def lm_loss(shift: bool) -> Callable[[Any, Tensor, Tensor | None], Tensor]:
         logits = logits_of(outputs)
         if attention_mask is not None and attention_mask.shape == labels.shape:
             labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        if shift:
-            logits, labels = logits[..., :-1, :], labels[..., 1:]
+        if shift:  # labels move left; slicing the logits instead would copy them in backward
+            labels = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
         return summed_loss(logits, labels)
 
     return loss

@@ -96,7 +96,7 @@ def curvature_record(
 ) -> Record:
     """What factors of :func:`~logix_func.fit_curvature` depend on: the weights fingerprint,
     the spec tag, the loss name, the data's fingerprint and ``options`` (method, Fisher,
-    seed), with the package version."""
+    seed, the label sampler's name), with the package version."""
     from . import __version__
 
     if iter(loader) is loader:
@@ -104,6 +104,9 @@ def curvature_record(
             "fit_curvature(cache=...) reads the data twice (its hash, then the fit): pass a "
             f"DataLoader or a list of batches, not a one-shot {type(loader).__name__}"
         )
+    sampler = options.pop("label_sampler", None)
+    if sampler is not None:  # named like the loss; records without one keep their keys
+        options["label_sampler"] = loss_name(sampler)
     return {
         "weights": weights_fingerprint(model, params),
         "spec": spec_hex(spec),

@@ -178,7 +178,10 @@ def _parser() -> _Parser:
         help="score: dot k(q,t), cosine, l2 (−‖q−t‖²) or relative (RelatIF)",
     )
     score.add_argument(
-        "--chunk-rows", type=_positive, default=4096, help="training rows per matmul"
+        "--chunk-rows",
+        type=_positive,
+        default=None,
+        help="training rows per matmul (default: the store's chunk size)",
     )
     score.add_argument("--no-progress", action="store_true", help="hide progress bars")
     score.set_defaults(handler=run_score)

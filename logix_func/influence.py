@@ -37,9 +37,10 @@ class Chunk(NamedTuple):
     rows: dict[str, Tensor]
 
 
-def iter_rows(train: Any, chunk_rows: int) -> Iterator[Chunk]:
+def iter_rows(train: Any, chunk_rows: int | None) -> Iterator[Chunk]:
     """Chunks of ``train``: a rows dict (ids ``0..N-1``) or a store (its own chunks and ids;
-    a store holding an id twice is refused)."""
+    a store holding an id twice is refused). ``chunk_rows``: see :func:`chunk_size`."""
+    chunk_rows = chunk_size(train, chunk_rows)
     if isinstance(train, Mapping):
         n = _num_rows(train)
         for start in range(0, n, chunk_rows):
@@ -49,6 +50,14 @@ def iter_rows(train: Any, chunk_rows: int) -> Iterator[Chunk]:
         train.check_unique()
         for ids, rows in train.iter_chunks(chunk_rows=chunk_rows):
             yield Chunk(ids, rows)
+
+
+def chunk_size(train: Any, chunk_rows: int | None) -> int:
+    """Training rows per matmul: ``chunk_rows``, or by default a store's own chunk size (each
+    read is then one stored chunk, scored at once), 4096 for rows in memory."""
+    if chunk_rows is not None:
+        return chunk_rows
+    return 4096 if isinstance(train, Mapping) else train.schema.chunk_rows
 
 
 def _num_rows(rows: Any) -> int:
@@ -131,7 +140,7 @@ def influence_chunks(
     *,
     preconditioner: Precondition | None = None,
     mode: Mode = "dot",
-    chunk_rows: int = 4096,
+    chunk_rows: int | None = None,
     per_layer: bool = False,
     progress: bool | None = None,
     query_provenance: Provenance | None = None,
@@ -179,7 +188,7 @@ def influence(
     *,
     preconditioner: Precondition | None = None,
     mode: Mode = "dot",
-    chunk_rows: int = 4096,
+    chunk_rows: int | None = None,
     per_layer: bool = False,
     progress: bool | None = None,
     out: str | Mapping[str, Any] | None = None,
@@ -197,7 +206,8 @@ def influence(
         preconditioner: applied once to the query side (``None`` = identity).
         mode: ``"dot"`` k(q,t); ``"cosine"`` k(q,t)/√(k(q,q)k(t,t)); ``"l2"`` −‖q−t‖²_P;
             ``"relative"`` (RelatIF) k(q,t)/√k(t,t).
-        chunk_rows: training rows scored per matmul.
+        chunk_rows: training rows scored per matmul; ``None``: a store's own chunk size (its
+            stored chunks are read once whatever the size), 4096 for rows in memory.
         per_layer: return ``{layer: [Q, N]}`` whose sum is the total (mode ``"dot"``).
         progress: show a progress bar (default: for more than 50,000 rows).
         out: a local path, tensorstore URL or kvstore spec: write the scores there chunk by
@@ -231,7 +241,7 @@ def influence(
             "preconditioner": getattr(preconditioner, "provenance", None),
         }
         rows = (_num_rows(query), _num_rows(train))
-        return _write_scores(out, stream, *rows, chunk_rows, origin)
+        return _write_scores(out, stream, *rows, chunk_size(train, chunk_rows), origin)
     parts = list(stream)
     if per_layer:
         return {k: torch.cat([s[k] for _, s in parts], 1) for k in parts[0][1]}
@@ -364,7 +374,7 @@ def self_influence(
     train: Any,
     *,
     preconditioner: Precondition | None = None,
-    chunk_rows: int = 4096,
+    chunk_rows: int | None = None,
     progress: bool | None = None,
     cache: str | Mapping[str, Any] | None = None,
 ) -> Float[Tensor, " train"]:

@@ -24,6 +24,7 @@ from .batch import ModelBatch
 from .cache import cached, curvature_record
 from .capturing import capture_shapes
 from .curvature import ekfac, fisher_logs, kfac, raw
+from .curvature.fisher import LabelSampler
 from .curvature.kfac import Fisher
 from .curvature.transform import layer_dims
 from .distributed import (
@@ -295,6 +296,7 @@ def fit_curvature(
     fisher: Fisher = "auto",
     seed: int = 0,
     loss_fn: Any = None,
+    label_sampler: LabelSampler | None = None,
     progress: bool = True,
     group: Group = None,
     cache: Location | None = None,
@@ -308,6 +310,9 @@ def fit_curvature(
     up to ≈ 64) that :func:`~logix_func.preconditioner` solves through a Cholesky factor.
     For ``"ggn"``, ``fisher="auto"`` means ``"exact"`` (``"true"`` gives its one-draw
     Monte-Carlo estimate; the empirical Fisher is not a GGN and is refused).
+
+    ``label_sampler``: with a custom ``loss_fn``, draws the labels for ``fisher="true"`` or
+    ``"auto"`` (see :func:`~logix_func.fisher_logs`).
 
     ``fisher="auto"`` takes the exact expectation over the labels where that is cheap (few
     classes, see :func:`logix_func.fisher_logs`) and samples them elsewhere. Where labels are
@@ -326,12 +331,15 @@ def fit_curvature(
 
     ``cache`` (a folder, URL or kvstore spec): factors saved there by an earlier call are
     loaded instead of refitted when the weights fingerprint, spec, loss name, method, Fisher,
-    seed and the data (a hash of every batch, one pass without the model) all match; else
-    they are fitted and saved beside the others (see :mod:`logix_func.cache`).
+    seed, label sampler's name and the data (a hash of every batch, one pass without the
+    model) all match; else they are fitted and saved beside the others (see
+    :mod:`logix_func.cache`).
     """
     model = local_model(model)
     if cache is not None:
-        options = dict(method=method, fisher=fisher, seed=seed, loss_fn=loss_fn)
+        options = dict(
+            method=method, fisher=fisher, seed=seed, loss_fn=loss_fn, label_sampler=label_sampler
+        )
         record = curvature_record(model, params, loader, spec, **options)
         fit = lambda: fit_curvature(  # noqa: E731
             model, params, loader, spec, progress=progress, group=group, **options
@@ -344,8 +352,8 @@ def fit_curvature(
                 "method='ggn' needs the model's own label distribution: use fisher='exact' "
                 "(default) or 'true'; for the empirical Fisher's covariance use method='raw'"
             )
-        if fisher == "auto":
-            fisher = "exact"
+        if fisher == "auto":  # a user's label sampler: its one-draw estimate
+            fisher = "exact" if label_sampler is None else "true"
 
     def passes(desc: str, offset: int = 0):
         batches = rank_batches(loader, group)
@@ -353,7 +361,14 @@ def fit_curvature(
         bar = tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress)
         for i, _, batch in bar:
             yield fisher_logs(
-                model, params, batch, spec, fisher=fisher, seed=seed + i + offset, loss_fn=loss_fn
+                model,
+                params,
+                batch,
+                spec,
+                fisher=fisher,
+                seed=seed + i + offset,
+                loss_fn=loss_fn,
+                label_sampler=label_sampler,
             )
 
     def finalize(transform: Any, state: dict[str, Any]) -> dict[str, Any]:

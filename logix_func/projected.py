@@ -350,10 +350,7 @@ class _Pass:
             with torch.autocast(weight.device.type, enabled=False):
                 grads[name] = reduce(  # no ``sum``: its ``0 + first`` copies a whole term
                     torch.add,
-                    (
-                        torch.einsum("btk,btj->bkj", gc.to(acc), vc.to(acc))
-                        for gc, vc in zip(g, v, strict=True)
-                    ),
+                    (_token_sum(gc.to(acc), vc.to(acc)) for gc, vc in zip(g, v, strict=True)),
                 )
             if logs:
                 m = torch.cat([_call_mask(layer, mask, vc) for vc in v], dim=1)
@@ -364,6 +361,16 @@ class _Pass:
                     "mask": m,
                 }
         return (grads, records) if logs else grads
+
+
+def _token_sum(
+    g: Float[Tensor, "batch tokens k_out"], v: Float[Tensor, "batch tokens k_in"]
+) -> Float[Tensor, "batch k_out k_in"]:
+    """``Σ_t g_t v_tᵀ`` per sample; one token is a broadcast product (a batched matmul of
+    inner size 1 costs several times more)."""
+    if g.shape[1] == 1:
+        return g[:, 0, :, None] * v[:, 0, None, :]
+    return torch.einsum("btk,btj->bkj", g, v)
 
 
 def _check_grad_enabled(name: str) -> None:
@@ -407,6 +414,7 @@ class _Intercept(TorchFunctionMode):
         self.by_call = {(layer.kind, id(w)): name for name, (layer, w) in layers.items()}
         self.covered = {id(w): name for name, (_, w) in layers.items()}
         self.calls = dict.fromkeys(layers, 0)
+        self.kinds = {name: layer.kind for name, (layer, _) in layers.items()}
         self.batch, self.tap = batch, tap
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -461,19 +469,37 @@ class _Intercept(TorchFunctionMode):
         return y if name is None else self.tapped(name, Call(x, weight.dtype), y)
 
     def tapped(self, name: str, call: Call, y: Tensor) -> Tensor:
-        x = call.x
-        if self.batch > 1 and x.dim() >= 1 and x.shape[0] == 1 and y.shape[:1] == (1,):
-            # an input shared by the samples (position ids [1, T]): one copy per sample
-            call = replace(call, x=x.expand(self.batch, *x.shape[1:]))
-            y = y.expand(self.batch, *y.shape[1:])
-        if call.x.dim() < 1 or call.x.shape[0] != self.batch:
-            raise ValueError(
-                f"layer {name!r} received an input of shape {tuple(call.x.shape)} whose first "
-                f"dimension is not the batch ({self.batch}); projected_grads needs the covered "
-                "layers to see the batch first (batch-first models)"
-            )
+        call, y = self.per_sample(name, call, y)
         self.calls[name] += 1
         return self.tap(name, call, y)
+
+    def per_sample(self, name: str, call: Call, y: Tensor) -> tuple[Call, Tensor]:
+        """The call seen batch first: an input shared by the samples is used once per sample.
+
+        A shared input (position ids ``(T,)`` or ``[1, T]``, a ``(T, in)`` table) reaches every
+        sample through broadcasting; its output is expanded to one copy per sample,
+        ``[1, ...] → [B, ...]`` or ``(...) → [B, ...]``, the shape that broadcasting against
+        the batch gives, so sample ``b``'s tokens are those of its own loss. An input whose first
+        dimension is the batch size is taken as per-sample.
+        """
+        x, b = call.x, self.batch
+        if x.dim() >= 1 and x.shape[0] == b:
+            return call, y
+        if x.dim() >= 1 and x.shape[0] == 1 and y.shape[:1] == (1,):
+            return replace(call, x=x.expand(b, *x.shape[1:])), y.expand(b, *y.shape[1:])
+        if call.kernel:  # a convolution: an unbatched input is (C, *spatial)
+            unbatched = x.dim() == len(call.kernel) + 1
+        else:  # the dimensions before the features (all of an embedding's indices)
+            lead = x.shape if self.kinds[name] == "embedding" else x.shape[:-1]
+            unbatched = b not in lead
+        if not unbatched:
+            raise ValueError(
+                f"layer {name!r} received an input of shape {tuple(x.shape)} whose first "
+                f"dimension is not the batch ({b}); projected_grads needs the covered layers to "
+                "see the batch first (batch-first models), or an input shared by every sample "
+                "with no batch dimension (position ids (T,) or [1, T])"
+            )
+        return replace(call, x=x.expand(b, *x.shape)), y.expand(b, *y.shape)
 
     def uses_covered(self, args, kwargs) -> bool:
         for a in (*args, *kwargs.values()):

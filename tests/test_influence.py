@@ -143,3 +143,33 @@ def test_scores_too_large_for_memory_go_to_a_tensorstore_array(tmp_path):
         torch.testing.assert_close(got, kernel(q, t, inv), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="per_layer"):
         lf.influence(q, t, per_layer=True, out=str(tmp_path / "layers"))
+
+
+def test_store_scores_equal_the_dense_kernel_whatever_chunk_rows(tmp_path):
+    """Reads are whole stored chunks, cut into ranges of ``chunk_rows``: same ranges, ids and
+    scores for sizes below, between and above the stored chunk (two writers' shards)."""
+    shapes = {"a": (3, 4), "b": (2, 5)}
+    q, t = rows(3, shapes), rows(45, shapes)
+    pre, inv = dense_operator(shapes)
+    url = str(tmp_path / "store")
+    schema = lf.StoreSchema(layers=shapes, chunk_rows=8)
+    for writer, part in ((0, slice(0, 19)), (1, slice(19, 45))):
+        with lf.LogStore.create(url, schema, writer=writer, exist_ok=True) as store:
+            store.append(range(part.start, part.stop), {k: v[part] for k, v in t.items()})
+    store = lf.LogStore.open(url)
+    for chunk_rows in (1, 3, 8, 13, 20, 64):
+        got = lf.influence(q, store, preconditioner=pre, chunk_rows=chunk_rows)
+        torch.testing.assert_close(got.double(), kernel(q, t, inv), rtol=1e-4, atol=1e-4)
+        selfs = lf.self_influence(store, preconditioner=pre, chunk_rows=chunk_rows)
+        torch.testing.assert_close(selfs.double(), kernel(t, t, inv).diag(), rtol=1e-4, atol=1e-4)
+        for begin, end in ((0, 45), (5, 30)):
+            chunks = list(store.iter_chunks(chunk_rows=chunk_rows, start=begin, stop=end))
+            # ranges of chunk_rows from each shard's first row in [begin, end), never across
+            sizes = [
+                min(chunk_rows, hi - a)
+                for lo, hi in ((begin, min(end, 19)), (max(begin, 19), end))
+                for a in range(lo, hi, chunk_rows)
+            ]
+            assert [len(ids) for ids, _ in chunks] == sizes
+            assert torch.cat([ids for ids, _ in chunks]).tolist() == list(range(begin, end))
+            torch.testing.assert_close(torch.cat([c["b"] for _, c in chunks]), t["b"][begin:end])

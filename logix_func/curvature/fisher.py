@@ -3,6 +3,8 @@
 * ``"empirical"``: the batch's own targets.
 * ``"true"``: targets drawn from the model's predictive distribution (categorical for integer
   targets, unit-variance Gaussian around the outputs for float targets), one draw per sample.
+  A custom ``loss_fn`` brings its own ``label_sampler(outputs, targets, generator)``: the
+  targets drawn from the distribution that loss is the negative log-likelihood of.
 * ``"exact"``: the expectation over every label, through pseudo-losses ``⟨v_c, logits⟩`` whose
   gradients ``v_c`` factor the output Hessian (``Σ_c v_c v_cᵀ = diag(p) − p pᵀ`` for
   cross-entropy, ``I`` for squared error): one batched pass over
@@ -17,7 +19,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -37,10 +39,51 @@ def _with_targets(batch: Any, targets: Tensor) -> Any:
     return (batch[0], targets)
 
 
+LabelSampler = Callable[[Any, Tensor, torch.Generator], Tensor]
+
+
 @torch.no_grad()
-def _logits(model: nn.Module, params: Mapping[str, Tensor], mb: ModelBatch) -> Tensor:
+def _outputs(model: nn.Module, params: Mapping[str, Tensor], mb: ModelBatch) -> Any:
     fixed, bufs = split_weights(model, params)
-    return logits_of(mb.call(model, ({n: p.detach() for n, p in params.items()}, fixed, bufs)))
+    return mb.call(model, ({n: p.detach() for n, p in params.items()}, fixed, bufs))
+
+
+def _logits(model: nn.Module, params: Mapping[str, Tensor], mb: ModelBatch) -> Tensor:
+    return logits_of(_outputs(model, params, mb))
+
+
+def _sampled_by(
+    label_sampler: LabelSampler,
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    *,
+    seed: int = 0,
+) -> Any:
+    """``batch`` with its targets replaced by ``label_sampler(outputs, targets, generator)``.
+
+    ``outputs`` are the model's outputs on the whole batch (no gradient), ``targets`` the
+    batch's (``[B, ...]``, or the ``labels`` of a dict batch) and ``generator`` a
+    ``torch.Generator`` seeded with ``seed``: the drawn targets, of the targets' shape and
+    dtype, are those the custom loss is the negative log-likelihood of.
+    """
+    mb = ModelBatch.from_batch(batch)
+    targets = mb.tensors["targets"]
+    outputs = _outputs(model, params, mb)
+    gen = torch.Generator(device=targets.device).manual_seed(seed)
+    drawn = label_sampler(outputs, targets, gen)
+    if (
+        not isinstance(drawn, Tensor)
+        or drawn.shape != targets.shape
+        or (drawn.dtype != targets.dtype)
+    ):
+        got = (tuple(drawn.shape), drawn.dtype) if isinstance(drawn, Tensor) else type(drawn)
+        raise ValueError(
+            f"label_sampler returned {got}, but the batch's targets are "
+            f"{(tuple(targets.shape), targets.dtype)}: it must return targets of that shape "
+            "and dtype, drawn from the model's predictive distribution"
+        )
+    return _with_targets(batch, drawn)
 
 
 def sample_targets(
@@ -95,8 +138,16 @@ def fisher_logs(
     fisher: Fisher = "auto",
     seed: int = 0,
     loss_fn: Any = None,
+    label_sampler: LabelSampler | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Projected gradients and KFAC logs of ``batch`` under the chosen Fisher.
+
+    ``fisher="true"`` (or ``"auto"``) with a custom ``loss_fn`` needs ``label_sampler(outputs,
+    targets, generator) -> targets``, and a sampler makes ``"auto"`` draw with it. ``outputs``
+    are the model's on the whole batch (no gradient), ``targets`` the batch's, ``generator`` a
+    ``torch.Generator`` seeded with ``seed``; it returns targets of the same shape and dtype
+    drawn from the distribution whose negative log-likelihood the loss is. The default losses
+    draw their own (:func:`sample_targets`).
 
     Returns ``(grads, logs)`` as :func:`logix_func.projected_grads` with
     ``return_activations=True``, plus a label-draw axis D after the batch axis:
@@ -106,6 +157,12 @@ def fisher_logs(
     """
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+    if label_sampler is not None:
+        if fisher not in ("true", "auto"):
+            raise ValueError(
+                f"label_sampler draws labels for fisher='true' (or 'auto') only, got {fisher!r}"
+            )
+        fisher = "true"  # the user's draw: the exact expectation needs the default loss
     logits = None
     if fisher == "auto":
         logits = _cheap_exact_logits(model, params, batch, loss_fn)
@@ -114,12 +171,16 @@ def fisher_logs(
         return _exact_logs(model, params, batch, spec, loss_fn, logits)
     if fisher == "empirical":
         labelled, fn = batch, loss_fn
+    elif label_sampler is not None:
+        labelled, fn = _sampled_by(label_sampler, model, params, batch, seed=seed), loss_fn
+    elif loss_fn is not None:
+        raise ValueError(
+            "fisher='true' (and 'auto' with a custom loss) draws labels from the model's "
+            "predictive distribution, which a custom loss_fn does not say: pass "
+            "label_sampler=fn(outputs, targets, generator) -> drawn targets (the distribution "
+            "whose negative log-likelihood the loss is), or fisher='empirical'"
+        )
     else:
-        if loss_fn is not None:
-            raise ValueError(
-                "fisher='true' (and 'auto') samples labels for the default losses only; "
-                "pass fisher='empirical' with a custom loss_fn"
-            )
         labelled, fn = sample_targets(model, params, batch, seed=seed), None
     grads, logs = projected_grads(
         model, params, labelled, spec, loss_fn=fn, return_activations=True

@@ -147,22 +147,36 @@ class Snapshot:
         stop: int | None = None,
     ) -> Iterator[tuple[Ids, dict[str, Tensor]]]:
         """Row ranges of at most ``chunk_rows`` (never across shards) within positions
-        ``[start, stop)``; while the caller works on one, the next ``prefetch`` are being read."""
+        ``[start, stop)``, cut from reads of whole stored chunks: each stored chunk is decoded
+        once whatever ``chunk_rows`` is. While the caller works on one range, the next
+        ``prefetch`` reads are in flight."""
         keys = self._keys(layers)
         stop = len(self) if stop is None else stop
-        pieces = iter(
-            (w, slice(a, min(a + chunk_rows, hi)))
+        stored = self.schema.chunk_rows
+        span = stored * -(-chunk_rows // stored)  # whole stored chunks, at least chunk_rows
+        reads = iter(
+            (w, slice(a, min(a - a % stored + span, hi)), hi)
             for (w, n), offset in zip(self.counts, self.offsets, strict=False)
             for lo, hi in [(max(start - int(offset), 0), min(stop - int(offset), n))]
-            for a in range(lo, hi, chunk_rows)
+            for a in _read_starts(lo, hi, stored, span)
         )
-        pending: deque[dict] = deque()
+        pending: deque[tuple[dict, int, int]] = deque()
+        held: dict[str, np.ndarray] = {}  # rows read but not yet yielded (less than chunk_rows)
         while True:
-            while len(pending) <= prefetch and (piece := next(pieces, None)) is not None:
-                pending.append(self._start_read(*piece, keys))
+            while len(pending) <= prefetch and (read := next(reads, None)) is not None:
+                w, rows, hi = read
+                pending.append((self._start_read(w, rows, keys), rows.stop, hi))
             if not pending:
                 return
-            yield self._finish(self._wait(pending.popleft()))
+            started, end, hi = pending.popleft()
+            arrays = self._wait(started)
+            if held:
+                arrays = {k: np.concatenate([held[k], v]) for k, v in arrays.items()}
+            n = len(arrays["ids"])
+            cut = n if end == hi else n - n % chunk_rows  # a shard's last rows go out now
+            for a in range(0, cut, chunk_rows):
+                yield self._finish({k: v[a : min(a + chunk_rows, cut)] for k, v in arrays.items()})
+            held = {k: v[cut:] for k, v in arrays.items()} if cut < n else {}
 
     def read_positions(
         self, positions: np.ndarray, layers: Sequence[str] | None
@@ -191,6 +205,15 @@ class Snapshot:
                     rows[key] = np.empty((len(positions), data.shape[1]), data.dtype)
                 rows[key][where] = data
         return self._finish(rows)
+
+
+def _read_starts(lo: int, hi: int, stored: int, span: int) -> range | list[int]:
+    """Starts of the reads of rows ``[lo, hi)``: ``lo``, then every ``span`` rows from the
+    stored chunk after it (reads of ``span`` rows aligned to the stored chunks)."""
+    if lo >= hi:
+        return []
+    first = lo - lo % stored + span
+    return [lo, *range(first, hi, span)]
 
 
 class LogDataset(torch.utils.data.Dataset):
