@@ -57,8 +57,10 @@ def decode(ids: torch.Tensor) -> str:
     return "".join(ALPHABET[i] for i in ids.tolist())
 
 
-def windows(n_train: int, n_query: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(train [n_train, CONTEXT + 1], query [n_query, CONTEXT + 1])`` character windows."""
+def windows(
+    n_train: int, n_query: int, seed: int = 0, context: int = CONTEXT
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train [n_train, context + 1], query [n_query, context + 1])`` character windows."""
     root = texts_dir()
     pools: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     for name in sorted(os.listdir(root)):
@@ -66,7 +68,7 @@ def windows(n_train: int, n_query: int, seed: int = 0) -> tuple[torch.Tensor, to
             continue
         with open(os.path.join(root, name), encoding="utf-8") as f:
             ids = encode(f.read())
-        chunks = ids[: len(ids) // (CONTEXT + 1) * (CONTEXT + 1)].view(-1, CONTEXT + 1)
+        chunks = ids[: len(ids) // (context + 1) * (context + 1)].view(-1, context + 1)
         cut = int(0.9 * len(chunks))
         pools[0].append(chunks[:cut])
         pools[1].append(chunks[cut:])
