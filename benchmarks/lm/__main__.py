@@ -38,9 +38,13 @@ GOAL_SPEEDUP, GOAL_MARGIN = 3.0, 0.05
 
 # key, label, runner, which python, options
 TOOLS = [
-    ("ours-full", "logix_func full + EKFAC", "run_ours.py", "ours", {"rank": None}),
     ("ours-logra64", "logix_func default (LoGra 64 + EKFAC)", "run_ours.py", "ours", {}),
+    ("kronfluence", "Kronfluence EKFAC", "run_kronfluence.py", "peers", {}),
+    ("logix32", "LogIX LoGra 32 + EKFAC", "run_logix.py", "peers", {"rank": 32}),
     ("ours-logra32", "logix_func LoGra 32 + EKFAC", "run_ours.py", "ours", {"rank": 32}),
+    ("dattri-trak", "dattri TRAK proj 512", "run_dattri.py", "peers", {"method": "trak"}),
+    ("dattri-ekfac", "dattri EK-FAC", "run_dattri.py", "peers", {"method": "ekfac"}),
+    ("logix8", "LogIX LoGra 8 + EKFAC", "run_logix.py", "peers", {"rank": 8}),
     ("ours-logra8", "logix_func LoGra 8 + EKFAC", "run_ours.py", "ours", {"rank": 8}),
     (
         "ours-logra8-raw",
@@ -49,11 +53,7 @@ TOOLS = [
         "ours",
         {"rank": 8, "method": "raw"},
     ),
-    ("logix32", "LogIX LoGra 32 + EKFAC", "run_logix.py", "peers", {"rank": 32}),
-    ("logix8", "LogIX LoGra 8 + EKFAC", "run_logix.py", "peers", {"rank": 8}),
-    ("kronfluence", "Kronfluence EKFAC", "run_kronfluence.py", "peers", {}),
-    ("dattri-trak", "dattri TRAK proj 512", "run_dattri.py", "peers", {"method": "trak"}),
-    ("dattri-ekfac", "dattri EK-FAC", "run_dattri.py", "peers", {"method": "ekfac"}),
+    ("ours-full", "logix_func full + EKFAC", "run_ours.py", "ours", {"rank": None}),
 ]
 
 

@@ -30,7 +30,7 @@ import torch
 from benchmarks.lm import shakespeare as sh
 from logix_func.metrics import spearman
 
-N_TRAIN, N_QUERY, N_SUBSETS, SEEDS, CHUNK, SUBSET_SEED = 3000, 300, 64, (0, 1), 2, 0
+N_TRAIN, N_QUERY, N_SUBSETS, SEEDS, CHUNK, SUBSET_SEED = 3000, 300, 64, (0, 1), 4, 0
 HERE = Path(__file__).resolve().parent
 
 

@@ -89,7 +89,7 @@ def as_batch(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Config:
     vocab: int = len(ALPHABET)
     context: int = CONTEXT
-    dim: int = 64
+    dim: int = 48
     heads: int = 4
     layers: int = 2
 
@@ -138,11 +138,11 @@ def init_params(seed: int, cfg: Config = Config()) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class Training:
-    steps: int = 600
+    steps: int = 300
     batch: int = 32
     lr: float = 1e-2
     weight_decay: float = 0.01
-    warmup: int = 50
+    warmup: int = 30
 
 
 def window_losses(model: nn.Module, params: dict, w: torch.Tensor) -> torch.Tensor:
