@@ -95,7 +95,11 @@ def merge(work: Path, out: Path) -> None:
     )
     print(
         json.dumps(
-            {"split_half_spearman": r, "noise_ceiling": ceiling, "cpu_seconds_of_training": seconds}
+            {
+                "split_half_spearman": r,
+                "noise_ceiling": ceiling,
+                "training_seconds_summed_over_chunks": seconds,
+            }
         )
     )
 
