@@ -35,6 +35,17 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 RUNS = HERE / "runs"
 GOAL_SPEEDUP, GOAL_MARGIN = 3.0, 0.05
+NOTES = [
+    "Time is wall-clock, CPU s the process's CPU time, both summed over the stages; on this "
+    "shared machine the wall times carry the other jobs' load, the CPU times less so. Covered "
+    "layers: ours, every `nn.Linear` and both embeddings; LogIX, Kronfluence and dattri's EK-FAC, "
+    "the `nn.Linear` layers; dattri's TRAK, every parameter. Damping: ours, Kronfluence and LogIX "
+    "0.1 × the mean eigenvalue (LogIX: of its first layer); dattri's EK-FAC 0.01.",
+    "dattri 0.3.0's EK-FAC fails on any sequence model: `_update_covariance` "
+    "(`dattri/func/fisher.py`) handles only 2-D layer inputs, and the `[B, T, d]` input of a "
+    "transformer's linear layer leaves `a_prev` unset. dattri's Arnoldi attributor did not finish "
+    "a 256-window trial and is left out.",
+]
 
 # key, label, runner, which python, options
 TOOLS = [
@@ -42,6 +53,13 @@ TOOLS = [
     ("kronfluence", "Kronfluence EKFAC", "run_kronfluence.py", "peers", {}),
     ("logix32", "LogIX LoGra 32 + EKFAC", "run_logix.py", "peers", {"rank": 32}),
     ("ours-logra32", "logix_func LoGra 32 + EKFAC", "run_ours.py", "ours", {"rank": 32}),
+    (
+        "ours-logra64-empirical",
+        "logix_func LoGra 64 + EKFAC, empirical Fisher",
+        "run_ours.py",
+        "ours",
+        {"fisher": "empirical"},
+    ),
     ("dattri-trak", "dattri TRAK proj 512", "run_dattri.py", "peers", {"method": "trak"}),
     ("dattri-ekfac", "dattri EK-FAC", "run_dattri.py", "peers", {"method": "ekfac"}),
     ("logix8", "LogIX LoGra 8 + EKFAC", "run_logix.py", "peers", {"rank": 8}),
@@ -80,6 +98,11 @@ def run(args) -> None:
     )
     pythons = {"ours": Path(sys.executable), "peers": peers_python(args.peers_venv)}
     only = set(args.only.split(",")) if args.only else None
+    load = {
+        "load_at_start": os.getloadavg()[0],
+        "date": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+    }
+    (RUNS / "meta.json").write_text(json.dumps(load))
     for tool in TOOLS:
         key = tool[0]
         if only and key not in only:
@@ -94,6 +117,7 @@ def run(args) -> None:
 
 def table() -> str:
     truth = ground_truth()["truth"]
+    meta = json.loads((RUNS / "meta.json").read_text())
     rows, results = [], {}
     for key, label, *_ in TOOLS:
         path = RUNS / f"{key}.json"
@@ -101,7 +125,8 @@ def table() -> str:
             continue
         record = json.loads(path.read_text())
         if "error" in record:
-            rows.append(f"| {label} | failed: {record['error'][:160]} | | | | | |")
+            error = record["error"].rsplit(" failed: ", 1)[-1]
+            rows.append(f"| {label} | failed: {error[:160]} | | | | | |")
             continue
         scores = np.load(RUNS / f"{key}.npy")
         record["lds"] = lf.lds(scores, truth["masks"], truth["outputs"], measurement="loss")[0]
@@ -132,9 +157,10 @@ def table() -> str:
         "",
         *verdict(results),
         "",
+        *[line for note in NOTES for line in (note, "")],
         f"Made by `python -m benchmarks.lm --peers-venv /work/venv-peers` on {platform.machine()}, "
-        f"{os.cpu_count()} cores shared, one thread per tool, torch {torch.__version__}, "
-        f"{datetime.date.today()}.",
+        f"{os.cpu_count()} cores shared with other jobs (load {meta['load_at_start']:.1f} at "
+        f"start), one thread per tool, batch 64, torch {torch.__version__}, {meta['date']}.",
     ]
     return "\n".join(lines) + "\n"
 
