@@ -141,7 +141,7 @@ def table() -> str:
         "| tool | LDS | time s | CPU s | stages s | peak RSS MiB | disk MiB |",
         "|---|---|---|---|---|---|---|",
     ]
-    ceiling = float(truth["noise_ceiling"])
+    ceiling, reliability = float(truth["noise_ceiling"]), float(truth["reliability"])
     lines = [
         "# Shakespeare character GPT: LDS and cost side by side",
         "",
@@ -149,8 +149,11 @@ def table() -> str:
         f"{sum(v.numel() for v in ground_truth()['params'].values()):,}-parameter GPT. Ground "
         f"truth: {len(truth['masks'])} half subsets × {len(truth['seeds'])} seeds of retraining "
         f"(`benchmarks/lm/ground_truth.py`, {float(truth['train_seconds']) / 60:.0f} min of "
-        f"training); split-half Spearman {float(truth['split_half']):.3f}, noise ceiling "
-        f"(Spearman-Brown) {ceiling:.3f}. Measurement: each query window's summed token loss.",
+        "training summed over its chunks); split-half Spearman "
+        f"{float(truth['split_half']):.3f} (one seed's outputs against the other's), "
+        f"reliability of the two seeds' mean {reliability:.3f} (Spearman-Brown), noise ceiling "
+        f"√reliability = {ceiling:.3f}: the LDS a perfect attribution would reach. "
+        "Measurement: each query window's summed token loss.",
         "",
         *head,
         *rows,

@@ -80,7 +80,8 @@ def merge(work: Path, out: Path) -> None:
     seconds = float(sum(c["seconds"] for c in chunks) + full["seconds"])
     half = spearman(torch.from_numpy(per_seed[:, 0].T), torch.from_numpy(per_seed[:, 1].T))
     r = float(half.nanmean())
-    ceiling = 2 * r / (1 + r)  # Spearman-Brown: the mean of two seeds against its own repeat
+    reliability = 2 * r / (1 + r)  # Spearman-Brown: the two seeds' mean against its own repeat
+    ceiling = reliability**0.5  # the best correlation any prediction can reach with that mean
     np.savez_compressed(
         out,
         masks=subset_masks()[rows],
@@ -90,6 +91,7 @@ def merge(work: Path, out: Path) -> None:
         query_loss=query_losses(full["params"], query),
         train_seconds=seconds,
         split_half=r,
+        reliability=reliability,
         noise_ceiling=ceiling,
         **{f"param/{k}": v.numpy() for k, v in full["params"].items()},
     )
@@ -97,6 +99,7 @@ def merge(work: Path, out: Path) -> None:
         json.dumps(
             {
                 "split_half_spearman": r,
+                "reliability": reliability,
                 "noise_ceiling": ceiling,
                 "training_seconds_summed_over_chunks": seconds,
             }
