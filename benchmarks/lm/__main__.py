@@ -101,6 +101,7 @@ def run(args) -> None:
     load = {
         "load_at_start": os.getloadavg()[0],
         "date": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+        "repeats": args.repeats,
     }
     (RUNS / "meta.json").write_text(json.dumps(load))
     for tool in TOOLS:
@@ -161,7 +162,8 @@ def table() -> str:
         *verdict(results),
         "",
         *[line for note in NOTES for line in (note, "")],
-        f"Made by `python -m benchmarks.lm --peers-venv /work/venv-peers` on {platform.machine()}, "
+        f"Made by `python -m benchmarks.lm --peers-venv /work/venv-peers --repeats "
+        f"{meta['repeats']}` (each tool's fastest run) on {platform.machine()}, "
         f"{os.cpu_count()} cores shared with other jobs (load {meta['load_at_start']:.1f} at "
         f"start), one thread per tool, batch 64, torch {torch.__version__}, {meta['date']}.",
     ]
