@@ -133,6 +133,13 @@ def _parser() -> _Parser:
         help="picture path (default: influence.png under the run; memory:// runs draw none "
         "unless given)",
     )
+    demo.add_argument(
+        "--measurement",
+        choices=["loss", "margin"],
+        default="loss",
+        help="what is attributed for a test image: its cross-entropy, or minus TRAK's margin "
+        "(logit of the label against the logsumexp of the others); training rows keep the loss",
+    )
     demo.add_argument("--seed", type=_natural, default=0, help="model and projection seed")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(handler=run_demo)
@@ -255,7 +262,7 @@ def run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
     from . import cache as caches
     from .curvature import load_state, preconditioner, save_state
-    from .digits import digits_split, mlp_model, train_mlp
+    from .digits import digits_split, mlp_model, negative_margin, train_mlp
     from .influence import influence, top_k
     from .origin import spec_hex, weights_fingerprint
     from .pipeline import fit_curvature, log_dataset
@@ -287,7 +294,11 @@ def run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     store = log_dataset(model, params, loader, spec, f"{run}/train-{key}", progress=progress)
     print(f"store: {len(store)} training rows at {store.url}")
     tests = DataLoader(TensorDataset(data.test_x, data.test_y), batch_size=args.batch_size)
-    queries = log_dataset(model, params, tests, spec, f"{run}/test-{key}", progress=progress)
+    measure = {"loss": None, "margin": negative_margin}[args.measurement]
+    suffix = "" if measure is None else f"-{args.measurement}"
+    queries = log_dataset(
+        model, params, tests, spec, f"{run}/test-{key}{suffix}", loss_fn=measure, progress=progress
+    )
     print(f"queries: {len(queries)} test rows at {queries.url}")
 
     if args.preconditioner == "identity":

@@ -294,3 +294,12 @@ def per_example_margin(
         correct = logits.gather(1, y[:, None])[:, 0]
         others = logits.scatter(1, y[:, None], -torch.inf)
         return correct - others.logsumexp(dim=1)
+
+
+def negative_margin(logits: Float[Tensor, "b classes"], targets: Int[Tensor, " b"]) -> Tensor:
+    """A query measurement with ``loss_fn``'s signature: minus TRAK's margin,
+    ``Σ_b logsumexp_{c != y_b} logit_bc - logit_{b y_b}`` (lower: the model is surer of ``y``)."""
+    hit = torch.arange(logits.shape[-1], device=logits.device) == targets[..., None]
+    correct = (logits * hit).sum(-1)
+    others = logits.masked_fill(hit, float("-inf")).logsumexp(-1)
+    return (others - correct).sum()

@@ -135,3 +135,34 @@ def test_inspect_score_and_top_k_of_a_stored_run(tmp_path, capsys):
 
 def LogRows(url: Path, ids: list[int]) -> dict[str, torch.Tensor]:
     return lf.LogStore.open(str(url)).read(ids)
+
+
+def test_demo_scores_a_query_measurement_other_than_the_loss(tmp_path, capsys):
+    """``--measurement margin``: the query rows are gradients of minus TRAK's margin, written
+    by hand here one test image at a time; the training rows keep the loss."""
+    from logix_func.digits import digits_split, mlp_model
+
+    run = tmp_path / "run"
+    args = ["demo", "--run", str(run), "--rank", "0", "--preconditioner", "identity"]
+    args += ["--queries", "3", "7", "--no-progress", "--figure", str(tmp_path / "f.png")]
+    margin = in_process(capsys, *args, "--measurement", "margin")
+    assert margin.returncode == 0, margin.stderr
+    (store,) = [p for p in run.iterdir() if p.name.startswith("test-") and "margin" in p.name]
+    rows = lf.LogStore.open(str(store)).read([3, 7])
+
+    data = digits_split(torch.float32)
+    model = mlp_model(dtype=torch.float32)
+    model.load_state_dict(lf.load_state(str(run / "model-seed0.pt")))
+    model.float()
+    for position, q in enumerate([3, 7]):
+        logits = model(data.test_x[q])
+        label = int(data.test_y[q])
+        others = torch.stack([logits[c] for c in range(10) if c != label])
+        minus_margin = torch.logsumexp(others, 0) - logits[label]
+        grads = torch.autograd.grad(minus_margin, list(model.parameters()))
+        for i, name in enumerate(["0", "2"]):  # Linear layers: [weight | bias] per row
+            expected = torch.cat([grads[2 * i], grads[2 * i + 1][:, None]], 1)
+            torch.testing.assert_close(rows[name][position], expected, rtol=1e-4, atol=1e-6)
+
+    loss = in_process(capsys, *args)
+    assert loss.returncode == 0 and loss.stdout.splitlines()[-4:] != margin.stdout.splitlines()[-4:]
