@@ -9,8 +9,8 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
+from ._compat import tree_map
 from .batch import Batch, LossFn, ModelBatch, sample_loss, unsqueeze_sample
 from .checks import (
     Randomness,

@@ -43,10 +43,9 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
-from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
 
+from ._compat import reparametrize_module, tree_map, under_transform
 from .batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
 from .checks import check_modes, check_params, draws_random, random_error
 from .grads import split_weights
@@ -267,7 +266,7 @@ class _Pass:
         # the pass's weights stay in the model through the backward too: a non-reentrant
         # checkpointed block recomputes its forward there, and must see the same tensors
         merged = {k: v for part in self.weights for k, v in part.items()}
-        in_place = _reparametrize_module(self.model, merged, tie_weights=True)
+        in_place = reparametrize_module(self.model, merged, tie_weights=True)
         with torch.enable_grad(), in_place:
             outputs = self.forward(tensors, batch, self.input_tap(inputs, batch, zero_leaf))
             flat = [e for name in self.uses for e in es[name]]
@@ -320,11 +319,7 @@ class _Pass:
         return deltas, inputs
 
     def __call__(self, tensors: dict[str, Any], batch: int, logs: bool) -> Any:
-        transformed = (
-            torch.compiler.is_compiling()
-            or torch._C._functorch.peek_interpreter_stack() is not None
-        )
-        run = self.deltas_functional if transformed else self.deltas_autograd
+        run = self.deltas_functional if under_transform() else self.deltas_autograd
         try:
             deltas, inputs = run(tensors, batch)
         except RuntimeError as err:

@@ -21,8 +21,8 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .._compat import tree_flatten, tree_unflatten
 from ..batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
 from ..checks import check_modes, check_params, no_randomness_error
 from ..grads import split_weights
