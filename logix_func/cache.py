@@ -21,6 +21,7 @@ from torch import Tensor
 from .curvature import load_state, save_state
 from .kvstore import Location, describe, join
 from .origin import loss_name, spec_hex, weights_fingerprint
+from .typing import Spec
 
 Record = dict[str, Any]
 _DATA_TAG = b"lf.data.v1"
@@ -92,7 +93,7 @@ def tensor_ids_hash(ids: Tensor | list) -> str:
 
 
 def curvature_record(
-    model: Any, params: Any, loader: Iterable[Any], spec: Any, **options: Any
+    model: Any, params: Any, loader: Iterable[Any], spec: Spec, **options: Any
 ) -> Record:
     """What factors of :func:`~logix_func.fit_curvature` depend on: the weights fingerprint,
     the spec tag, the loss name, the data's fingerprint and ``options`` (method, Fisher,

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
 from torch import Tensor, nn
 
 from ._compat import tree_map
@@ -20,10 +19,9 @@ from .checks import (
     check_params,
     vmap_error,
 )
+from .typing import Grads, Params
 
 Strategy = Literal["auto", "vmap", "loop"]
-Params = Mapping[str, Float[Tensor, "..."]]
-Grads = dict[str, Float[Tensor, "batch ..."]]
 
 
 def split_weights(

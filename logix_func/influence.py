@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from .curvature import IdentityPreconditioner
 from .origin import Provenance, check_provenance, store_provenance
 from .store.layout import ATTRS_NAME, GROUP_KEY, _context, codecs, kvstore_spec
+from .typing import Rows
 
-Rows = Mapping[str, Tensor]
 Mode = Literal["dot", "cosine", "l2", "relative"]
 Precondition = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 _MODES = ("dot", "cosine", "l2", "relative")

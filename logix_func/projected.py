@@ -59,11 +59,10 @@ from .layers import (
     projectable_layers,
 )
 from .projection import ProjectionSpec
+from .typing import Logs, ProjectedGrads
 from .watching import watch
 
 Tap = Callable[[str, Call, Tensor], Tensor]
-Grads = dict[str, Float[Tensor, "batch k_out k_in"]]
-Logs = dict[str, dict[str, Tensor]]
 # uses of a covered weight that only read its metadata (properties, then methods)
 _METADATA = {"shape", "dtype", "device", "requires_grad", "is_leaf", "ndim", "layout", "names"}
 _METADATA |= {"is_cuda", "is_sparse", "is_quantized", "is_meta", "is_nested", "grad_fn", "nbytes"}
@@ -80,7 +79,7 @@ def projected_grads(
     loss_fn: LossFn | None = None,
     return_activations: bool = False,
     chunk_size: int | None = None,
-) -> Grads | tuple[Grads, Logs]:
+) -> ProjectedGrads | tuple[ProjectedGrads, Logs]:
     """Projected per-sample gradients ``P_out G_i P_inᵀ`` of the spec's layers.
 
     Args:

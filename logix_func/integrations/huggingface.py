@@ -49,9 +49,9 @@ from ..pipeline import (
 )
 from ..projection import ProjectionSpec, logra
 from ..store import LogStore
+from ..typing import Rows
 
 Method = Literal["kfac", "ekfac", "raw", "none"]
-Rows = dict[str, Float[Tensor, "n k_out k_in"]]
 
 
 @dataclass(frozen=True)
