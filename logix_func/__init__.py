@@ -1,5 +1,6 @@
 """logix_func: functional data attribution with torch.func."""
 
+from ._version import __version__ as __version__
 from .capturing import capture, capture_shapes, flatten_capture, unflatten_capture
 from .completions import completion_labels, prompt_completion_batch
 from .curvature import (
@@ -50,7 +51,6 @@ from .store import LogStore, StoreSchema, model_fingerprint
 from .tokens import token_influence
 from .watching import watch
 
-__version__ = "0.1.0"
 __all__ = [
     # core: per-sample gradients, LoGra projections, capture
     "per_sample_grads",

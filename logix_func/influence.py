@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._version import __version__
 from .curvature import IdentityPreconditioner
 from .origin import Provenance, check_provenance, store_provenance
 from .store.layout import ATTRS_NAME, GROUP_KEY, _context, codecs, kvstore_spec
@@ -356,8 +357,6 @@ def _check_empty(url: str) -> None:
 
 
 def _version() -> str:
-    from . import __version__
-
     return __version__
 
 

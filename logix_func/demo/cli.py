@@ -23,8 +23,9 @@ import json
 import math
 import os
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+
+from .._version import __version__
 
 COMMANDS = ("demo", "inspect", "score", "top-k")
 PROG = "logix-func"
@@ -66,12 +67,7 @@ _positive, _natural = _int_from(1), _int_from(0)
 
 
 def _version() -> str:
-    try:
-        return version("logix-func")
-    except PackageNotFoundError:
-        from . import __version__
-
-        return __version__
+    return __version__
 
 
 def _parser() -> _Parser:

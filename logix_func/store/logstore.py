@@ -12,6 +12,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .._version import __version__
 from .errors import (
     CorruptStoreError,
     DuplicateIdError,
@@ -385,6 +386,4 @@ def _check_finite(rows: Mapping[str, Tensor], keys: list) -> None:
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__
