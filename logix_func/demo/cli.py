@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, TypeError, KeyError, LookupError, OSError) as e:
         parser.exit(1, f"{PROG}: error: {_one_line(e)}\n")
     except Exception as e:
-        from .store import StoreError
+        from ..store import StoreError
 
         if not isinstance(e, StoreError):
             raise
