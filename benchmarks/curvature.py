@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import logix_func as lf
-from logix_func.digits import digits_split, mlp_model, train_mlp
+from logix_func.demo.digits import digits_split, mlp_model, train_mlp
 
 from .logra_models import interleaved_times
 

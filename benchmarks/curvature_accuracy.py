@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import logix_func as lf
-from logix_func import digits
+from logix_func.demo import digits
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 

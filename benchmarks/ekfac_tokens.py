@@ -25,7 +25,7 @@ import torch
 
 import logix_func as lf
 from logix_func.curvature.ekfac import tokens_are_cheaper
-from logix_func.digits import digits_split, mlp_model, train_mlp
+from logix_func.demo.digits import digits_split, mlp_model, train_mlp
 
 
 def digits_case() -> tuple[torch.nn.Module, dict[str, torch.Tensor], list[Any]]:

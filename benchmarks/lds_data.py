@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import logix_func as lf
-from logix_func import digits
+from logix_func.demo import digits
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 
 import logix_func as lf
 from benchmarks.ground_truth.lds_deep_mlp import MLP, SPLIT_SEED, split_half_reliability
-from logix_func import digits
+from logix_func.demo import digits
 from logix_func.pipeline import fit_curvature
 
 ROWS = [  # label, fit_curvature options, seeds

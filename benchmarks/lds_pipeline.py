@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import logix_func as lf
-from logix_func import digits
+from logix_func.demo import digits
 from logix_func.pipeline import fit_curvature
 
 DAMPINGS = {"default": None, "wd": digits.MLP_WEIGHT_DECAY}

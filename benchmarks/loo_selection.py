@@ -20,7 +20,7 @@ import torch
 import logix_func as lf
 from benchmarks.ground_truth.loo_logreg import loo_deltas
 from benchmarks.ground_truth.loo_logreg_constant import ALPHA, constant_split
-from logix_func import digits
+from logix_func.demo import digits
 from logix_func.pipeline import fit_curvature
 
 REMOVED_SEED, DRAWS, DRAW_SIZE = 5, 200, 20

@@ -105,7 +105,7 @@ def du(path: Path) -> int:
 
 def digits_projected_grads(rank: int = 8) -> dict[str, torch.Tensor]:
     """Per-sample gradients of a digits MLP, projected P_out G P_inᵀ per layer (Gaussian P)."""
-    from logix_func.cli import load_digits_tensors
+    from logix_func.demo.digits import load_digits_tensors
 
     x, y = load_digits_tensors()[:2]
     torch.manual_seed(0)

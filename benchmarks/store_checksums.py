@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import tensorstore as ts
 
-from logix_func.store.layout import _context, array_metadata
+from logix_func.store.layout import array_metadata, context
 
 ROW, CHUNK = 4096, 4096
 
@@ -30,7 +30,7 @@ def open_array(path: Path, codec: str, checksum: bool) -> ts.TensorStore:
     if not checksum:
         meta["codecs"] = [c for c in meta["codecs"] if c["name"] != "crc32c"]
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}, "metadata": meta}
-    return ts.open(spec, create=True, delete_existing=True, context=_context(False)).result()
+    return ts.open(spec, create=True, delete_existing=True, context=context(False)).result()
 
 
 def write(array: ts.TensorStore, data: np.ndarray) -> None:

@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 import logix_func as lf
-from logix_func.cli import print_attributions
-from logix_func.digits import digits_split, mlp_model, train_mlp
+from logix_func.demo.cli import print_attributions
+from logix_func.demo.digits import digits_split, mlp_model, train_mlp
 
 
 def main() -> None:

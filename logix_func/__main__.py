@@ -1,3 +1,3 @@
-from .cli import main
+from .demo.cli import main
 
 main()

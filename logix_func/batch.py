@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from jaxtyping import Float, Shaped
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from ._compat import tree_flatten, tree_map, tree_unflatten
 
 IGNORE_INDEX = -100
 LossFn = Callable[[Any, Tensor], Tensor]

@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._version import __version__
 from .curvature import load_state, save_state
 from .kvstore import Location, describe, join
 from .origin import loss_name, spec_hex, weights_fingerprint
+from .typing import Spec
 
 Record = dict[str, Any]
 _DATA_TAG = b"lf.data.v1"
@@ -92,12 +94,11 @@ def tensor_ids_hash(ids: Tensor | list) -> str:
 
 
 def curvature_record(
-    model: Any, params: Any, loader: Iterable[Any], spec: Any, **options: Any
+    model: Any, params: Any, loader: Iterable[Any], spec: Spec, **options: Any
 ) -> Record:
     """What factors of :func:`~logix_func.fit_curvature` depend on: the weights fingerprint,
     the spec tag, the loss name, the data's fingerprint and ``options`` (method, Fisher,
     seed, the label sampler's name), with the package version."""
-    from . import __version__
 
     if iter(loader) is loader:
         raise TypeError(
@@ -121,7 +122,6 @@ def self_influence_record(train: Any, preconditioner: Any) -> Record:
     """What :func:`~logix_func.self_influence` of a store depends on: the store (location,
     creation time, provenance, a hash of its ids) and the preconditioner (the provenance of
     its factors and its damping per layer)."""
-    from . import __version__
     from .curvature import IdentityPreconditioner, Preconditioner
 
     if isinstance(train, Mapping) or not hasattr(train, "attrs"):

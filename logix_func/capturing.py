@@ -31,8 +31,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
 
+from ._compat import tree_leaves, under_transform
 from .batch import LossFn, sample_loss, summed_sample_losses
 from .layers import Call, LayerSpec, backprop_tokens, input_tokens, projectable_layers
 from .projected import _call_mask, _covered_layers, _Intercept, _token_mask, prepare
@@ -269,11 +269,7 @@ class _Run:
         return summed_sample_losses(loss_of, outputs, self.mb.tensors)
 
     def with_grads(self, loss_of) -> dict[str, list]:
-        transformed = (
-            torch.compiler.is_compiling()
-            or torch._C._functorch.peek_interpreter_stack() is not None
-        )
-        if transformed:
+        if under_transform():
             deltas, seen = self.deltas_functional(loss_of)
         else:
             deltas, seen = self.deltas_autograd(loss_of)

@@ -7,10 +7,9 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
+from ._compat import tree_map
 from .batch import Batch, LossFn, ModelBatch, sample_loss, unsqueeze_sample
 from .checks import (
     Randomness,
@@ -20,10 +19,9 @@ from .checks import (
     check_params,
     vmap_error,
 )
+from .typing import Grads, Params
 
 Strategy = Literal["auto", "vmap", "loop"]
-Params = Mapping[str, Float[Tensor, "..."]]
-Grads = dict[str, Float[Tensor, "batch ..."]]
 
 
 def split_weights(

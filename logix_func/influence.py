@@ -8,8 +8,6 @@ it raises q's loss by ≈ k(q, t) / N). Scores are not divided by N.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import reduce
 from typing import Any, Literal, NamedTuple
@@ -20,11 +18,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._version import __version__
 from .curvature import IdentityPreconditioner
 from .origin import Provenance, check_provenance, store_provenance
-from .store.layout import ATTRS_NAME, GROUP_KEY, _context, codecs, kvstore_spec
+from .store.scores import create_scores, open_scores, scores_attrs, write_columns
+from .typing import Rows
 
-Rows = Mapping[str, Tensor]
 Mode = Literal["dot", "cosine", "l2", "relative"]
 Precondition = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 _MODES = ("dot", "cosine", "l2", "relative")
@@ -263,32 +262,10 @@ def _write_scores(
 ) -> ts.TensorStore:
     """Write ``[Q, n]`` score chunks into a new float32 zarr3 array ``[Q, N]`` at ``url``,
     whose attributes record ``origin`` (what produced the scores)."""
-    _check_empty(url)
-    spec = {
-        "driver": "zarr3",
-        "kvstore": kvstore_spec(url),
-        "metadata": {
-            "shape": [queries, total],
-            "chunk_grid": {
-                "name": "regular",
-                "configuration": {"chunk_shape": [queries, min(chunk_rows, total)]},
-            },
-            "data_type": "float32",
-            "codecs": codecs("none", 4),
-            "attributes": {ATTRS_NAME: {"scores": origin, "version": _version()}},
-        },
-        "create": True,
-    }
-    array = ts.open(spec, context=_context(durable=True)).result()
-    start, pending = 0, []
-    for _, scores in stream:
-        stop = start + scores.shape[1]
-        pending.append(array[:, start:stop].write(scores.numpy()))
-        start = stop
-        if len(pending) > 4:  # bounded writes in flight
-            pending.pop(0).result()
-    for write in pending:
-        write.result()
+    array = create_scores(
+        url, queries, total, chunk_rows, {"scores": origin, "version": _version()}
+    )
+    write_columns(array, (scores for _, scores in stream))
     return array
 
 
@@ -297,17 +274,8 @@ def _stored_scores(
 ) -> Iterator[tuple[Any, Tensor]]:
     """``(ids, [Q, n])`` chunks of an array written by ``influence(..., out=)``."""
     if not isinstance(scores, ts.TensorStore):
-        spec = {"driver": "zarr3", "kvstore": kvstore_spec(scores)}
-        try:
-            scores = ts.open(spec, open=True, context=_context(durable=True)).result()
-        except ValueError as e:
-            problem = "it holds no zarr.json" if "NOT_FOUND" in str(e) else str(e).split("[")[0]
-            raise FileNotFoundError(
-                f"no scores array at {scores!r} ({problem}): write one with "
-                "influence(..., out=) or 'logix-func score'"
-            ) from None
-    origin = scores.spec().to_json()["metadata"].get("attributes", {}).get(ATTRS_NAME, {})
-    origin = origin.get("scores", {})
+        scores = open_scores(scores)
+    origin = scores_attrs(scores).get("scores", {})
     total = scores.shape[1]
     if ids is None and origin.get("train_url") is not None:
         from .store import LogStore
@@ -329,45 +297,8 @@ def _stored_scores(
         yield ids[start:stop], block
 
 
-def _check_empty(url: str) -> None:
-    """``out=`` targets must be empty and outside any store: scores never replace or mix
-    into data they did not create."""
-    kv = kvstore_spec(url)
-    path = kv.get("path", "").rstrip("/")
-    if kv["driver"] == "file" and os.path.exists(path) and not os.path.isdir(path):
-        raise FileExistsError(f"out={url!r} is an existing file; choose a new path for the scores")
-    parts = path.split("/")
-    for i in range(len(parts) - 1, 0, -1):  # the folders above: none may be a store
-        above = {**kv, "path": "/".join(parts[:i]) + "/"}
-        group = ts.KvStore.open(above, context=_context(durable=True)).result()
-        found = group.read(GROUP_KEY).result()
-        if found.state == "value" and ATTRS_NAME in _attributes(found.value):
-            raise FileExistsError(
-                f"out={url!r} lies inside the store at {above['path']}: choose a URL outside it"
-            )
-    keys = ts.KvStore.open(kv, context=_context(durable=True)).result().list().result()
-    if keys:
-        shown = ", ".join(k.decode() for k in sorted(keys)[:3])
-        raise FileExistsError(
-            f"out={url!r} already holds data ({len(keys)} key(s), e.g. {shown}): influence "
-            "never deletes data it did not create. Choose a new URL for the scores (e.g. a new "
-            "folder per run), or delete that one yourself if it is old scores"
-        )
-
-
 def _version() -> str:
-    from . import __version__
-
     return __version__
-
-
-def _attributes(zarr_json: bytes) -> dict:
-    """The attributes of a zarr.json (empty for anything else)."""
-    try:
-        node = json.loads(zarr_json)
-    except ValueError:
-        return {}
-    return node.get("attributes", {}) if isinstance(node, dict) else {}
 
 
 def self_influence(

@@ -13,7 +13,7 @@ from typing import Any
 
 import tensorstore as ts
 
-from .store.layout import _context, kvstore_spec, wait
+from .store.layout import context, kvstore_spec, wait
 
 Location = str | os.PathLike | Mapping[str, Any]
 
@@ -39,7 +39,7 @@ def _split(location: Location) -> tuple[ts.KvStore, str]:
     spec = kvstore_spec(location)
     base, _, key = spec["path"].rstrip("/").rpartition("/")
     spec["path"] = base + "/" if base else ""
-    return ts.KvStore.open(spec, context=_context(durable=True)).result(), key
+    return ts.KvStore.open(spec, context=context(durable=True)).result(), key
 
 
 def write_bytes(location: Location, data: bytes) -> None:

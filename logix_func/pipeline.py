@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -40,9 +39,9 @@ from .kvstore import Location
 from .origin import loss_name, stamped, weights_fingerprint
 from .projected import projected_grads
 from .store import LogStore, NotAStoreError, StoreSchema, model_fingerprint
+from .typing import Rows, Spec
 
 IdsFn = Callable[[Any, int], Tensor | list]
-Rows = dict[str, Float[Tensor, "n k_out k_in"]]
 
 
 def position_ids(batch: Any, offset: int) -> Tensor:
@@ -72,7 +71,7 @@ def take(batch: Any, index: Tensor) -> Any:
 
 def store_schema(
     model: nn.Module,
-    spec: Any,
+    spec: Spec,
     dtype: torch.dtype = torch.float32,
     *,
     captures: Mapping[str, Mapping[str, Tensor]] | None = None,
@@ -142,7 +141,7 @@ def log_dataset(
     model: nn.Module,
     params: Mapping[str, Tensor],
     loader: Iterable[Any],
-    spec: Any,
+    spec: Spec,
     store: LogStore | Location,
     *,
     loss_fn: Any = None,
@@ -257,7 +256,7 @@ def query_grads(
     model: nn.Module,
     params: Mapping[str, Tensor],
     queries: Iterable[Any],
-    spec: Any,
+    spec: Spec,
     *,
     measurement: Any = None,
     progress: bool = False,
@@ -290,7 +289,7 @@ def fit_curvature(
     model: nn.Module,
     params: Mapping[str, Tensor],
     loader: Iterable[Any],
-    spec: Any,
+    spec: Spec,
     *,
     method: Literal["kfac", "ekfac", "raw", "ggn"] = "ekfac",
     fisher: Fisher = "auto",

@@ -43,10 +43,9 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
-from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
 
+from ._compat import reparametrize_module, tree_map, under_transform
 from .batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
 from .checks import check_modes, check_params, draws_random, random_error
 from .grads import split_weights
@@ -60,11 +59,10 @@ from .layers import (
     projectable_layers,
 )
 from .projection import ProjectionSpec
+from .typing import Logs, ProjectedGrads
 from .watching import watch
 
 Tap = Callable[[str, Call, Tensor], Tensor]
-Grads = dict[str, Float[Tensor, "batch k_out k_in"]]
-Logs = dict[str, dict[str, Tensor]]
 # uses of a covered weight that only read its metadata (properties, then methods)
 _METADATA = {"shape", "dtype", "device", "requires_grad", "is_leaf", "ndim", "layout", "names"}
 _METADATA |= {"is_cuda", "is_sparse", "is_quantized", "is_meta", "is_nested", "grad_fn", "nbytes"}
@@ -81,7 +79,7 @@ def projected_grads(
     loss_fn: LossFn | None = None,
     return_activations: bool = False,
     chunk_size: int | None = None,
-) -> Grads | tuple[Grads, Logs]:
+) -> ProjectedGrads | tuple[ProjectedGrads, Logs]:
     """Projected per-sample gradients ``P_out G_i P_inᵀ`` of the spec's layers.
 
     Args:
@@ -267,7 +265,7 @@ class _Pass:
         # the pass's weights stay in the model through the backward too: a non-reentrant
         # checkpointed block recomputes its forward there, and must see the same tensors
         merged = {k: v for part in self.weights for k, v in part.items()}
-        in_place = _reparametrize_module(self.model, merged, tie_weights=True)
+        in_place = reparametrize_module(self.model, merged, tie_weights=True)
         with torch.enable_grad(), in_place:
             outputs = self.forward(tensors, batch, self.input_tap(inputs, batch, zero_leaf))
             flat = [e for name in self.uses for e in es[name]]
@@ -320,11 +318,7 @@ class _Pass:
         return deltas, inputs
 
     def __call__(self, tensors: dict[str, Any], batch: int, logs: bool) -> Any:
-        transformed = (
-            torch.compiler.is_compiling()
-            or torch._C._functorch.peek_interpreter_stack() is not None
-        )
-        run = self.deltas_functional if transformed else self.deltas_autograd
+        run = self.deltas_functional if under_transform() else self.deltas_autograd
         try:
             deltas, inputs = run(tensors, batch)
         except RuntimeError as err:

@@ -8,9 +8,10 @@ other change, costs nothing outside capture, and compiles (``fullgraph=True``) e
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function
+
+from ._compat import torch_function_mode_enabled
 
 
 def watch(name: str, tensor: Tensor) -> Tensor:
@@ -19,6 +20,6 @@ def watch(name: str, tensor: Tensor) -> Tensor:
     ``tensor`` is ``[B, *tokens, features]`` (batch first). Names are unique within one
     forward pass and contain no ``/``.
     """
-    if torch._C._is_torch_function_mode_enabled():
+    if torch_function_mode_enabled():
         return handle_torch_function(watch, (tensor,), name, tensor)
     return tensor

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 import logix_func as lf
-from logix_func.digits import mlp_model
+from logix_func.demo.digits import mlp_model
 from logix_func.pipeline import position_ids, store_schema
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import logix_func as lf
-from logix_func.cli import _parser, main
+from logix_func.demo.cli import _parser, main
 
 ROOT = Path(__file__).parent.parent
 
@@ -140,7 +140,7 @@ def LogRows(url: Path, ids: list[int]) -> dict[str, torch.Tensor]:
 def test_demo_scores_a_query_measurement_other_than_the_loss(tmp_path, capsys):
     """``--measurement margin``: the query rows are gradients of minus TRAK's margin, written
     by hand here one test image at a time; the training rows keep the loss."""
-    from logix_func.digits import digits_split, mlp_model
+    from logix_func.demo.digits import digits_split, mlp_model
 
     run = tmp_path / "run"
     args = ["demo", "--run", str(run), "--rank", "0", "--preconditioner", "identity"]

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import logix_func as lf
-from logix_func.digits import digits_split, mlp_model, train_mlp
+from logix_func.demo.digits import digits_split, mlp_model, train_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, BATCH, KILL_AFTER = 200, 16, 2

@@ -14,7 +14,8 @@ import torch
 from scipy import stats
 from torch.func import functional_call, jacrev, vmap
 
-from logix_func import digits, lds, loo_correlation
+from logix_func import lds, loo_correlation
+from logix_func.demo import digits
 
 DATA = Path(__file__).parent / "data"
 

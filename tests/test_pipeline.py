@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import logix_func as lf
-from logix_func.cli import main
+from logix_func.demo.cli import main
 from logix_func.pipeline import EKFAC_SEED_OFFSET, fit_curvature, log_dataset
 
 

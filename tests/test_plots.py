@@ -114,7 +114,7 @@ def test_influence_grid_shows_the_query_and_its_top_images(tmp_path, layout, sha
 
 def test_influence_grid_keeps_the_digits_demo_call(tmp_path):
     pytest.importorskip("sklearn")
-    from logix_func.digits import digits_split
+    from logix_func.demo.digits import digits_split
 
     data = digits_split(torch.float32)
     helps = TopK(torch.tensor([[0, 1, 2], [3, 4, 5]]), torch.ones(2, 3))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import logix_func as lf
-from logix_func import digits
+from logix_func.demo import digits
 from logix_func.pipeline import fit_curvature
 
 DATA = Path(__file__).parent / "data"

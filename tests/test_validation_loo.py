@@ -1,11 +1,11 @@
 """Influence through the library pipeline against leave-one-out retraining on digits.
 
-The stored ground truth (``tests/data/loo_logreg.npz``) holds the trained logistic regression of
-``logix_func.digits`` (objective: mean cross-entropy + (l2 / 2)·‖θ‖², bias included) and, for 100
-removed training rows and 50 test rows, ``delta_loss[q, m]`` = test loss q after retraining
-without row m minus before. The objective's Hessian is the mean-loss curvature plus ``l2·I``, so
-influence with the exact curvature and damping ``l2`` is the Newton step of the removal:
-``score / N`` predicts ``delta_loss`` (positive score: the removal raises the query loss).
+The stored ground truth (``tests/data/loo_logreg.npz``) holds the trained logistic regression
+of ``logix_func.demo.digits`` (objective: mean cross-entropy + (l2 / 2)·‖θ‖², bias included)
+and, for 100 removed training rows and 50 test rows, ``delta_loss[q, m]`` = test loss q after
+retraining without row m minus before. The objective's Hessian is the mean-loss curvature plus
+``l2·I``, so influence with the exact curvature and damping ``l2`` is the Newton step of the
+removal: ``score / N`` predicts ``delta_loss`` (positive score: the removal raises the query loss).
 """
 
 from pathlib import Path
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import logix_func as lf
-from logix_func import digits
+from logix_func.demo import digits
 from logix_func.pipeline import fit_curvature
 
 DATA = Path(__file__).parent / "data" / "loo_logreg.npz"

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 import logix_func as lf
-from logix_func import digits
+from logix_func.demo import digits
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

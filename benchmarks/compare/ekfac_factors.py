@@ -29,7 +29,7 @@ from torch.utils.data import TensorDataset
 
 import logix_func as lf
 from benchmarks.ground_truth.loo_logreg_constant import constant_split
-from logix_func import digits
+from logix_func.demo import digits
 from logix_func.pipeline import fit_curvature
 
 DATA = Path(__file__).parents[2] / "tests" / "data" / "loo_logreg_constant.npz"

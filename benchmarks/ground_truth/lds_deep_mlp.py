@@ -39,7 +39,7 @@ import torch
 from torch.func import grad, vmap
 
 from benchmarks.ground_truth.lds_mlp import retrain_outputs, subset_masks
-from logix_func import digits
+from logix_func.demo import digits
 from logix_func.metrics import lds, spearman
 
 SPLIT_SEED, SUBSET_SEED = 7, 7

@@ -1,6 +1,6 @@
 """Linear datamodeling score (LDS) ground truth for the digits MLP.
 
-Trains the reference MLP (`logix_func.digits.train_mlp`, seed 0) on the full training split:
+Trains the reference MLP (`logix_func.demo.digits.train_mlp`, seed 0) on the full training split:
 the model that attribution is computed on. Then draws 100 random half subsets (α = 0.5, exactly
 N/2 examples each), retrains the MLP on each with seeds 0, 1, 2 (the same three
 initialisations for every subset) and records each test example's cross-entropy loss,
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from logix_func import digits
+from logix_func.demo import digits
 from logix_func.metrics import lds, spearman
 
 N_SUBSETS, SEEDS, ALPHA, SUBSET_SEED, CHUNK = 100, (0, 1, 2), 0.5, 0, 20

@@ -1,6 +1,6 @@
 """Leave-one-out ground truth for the digits logistic regression.
 
-Trains the reference logistic regression (`logix_func.digits`) on the full training split,
+Trains the reference logistic regression (`logix_func.demo.digits`) on the full training split,
 then, for each of 100 training examples (the 40 with the highest training loss and 60 drawn at
 random from the rest), retrains without it, warm-started and converged to max |grad| <= 1e-12,
 and records the change of 50 test losses (10 highest-loss test points, 40 random):
@@ -28,7 +28,7 @@ import torch
 from scipy import stats
 from torch.func import functional_call, grad, vmap
 
-from logix_func import digits
+from logix_func.demo import digits
 
 N_HIGH_LOSS, N_RANDOM, N_TEST_HIGH, N_TEST_RANDOM = 40, 60, 10, 40
 SEED = 0

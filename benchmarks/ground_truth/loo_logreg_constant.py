@@ -19,7 +19,7 @@ import argparse
 import torch
 
 from benchmarks.ground_truth.loo_logreg import generate
-from logix_func import digits
+from logix_func.demo import digits
 
 SPLIT_SEED, ALPHA = 11, 1.0
 

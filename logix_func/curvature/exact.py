@@ -21,12 +21,13 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .._compat import tree_flatten, tree_unflatten
 from ..batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
 from ..checks import check_modes, check_params, no_randomness_error
 from ..grads import split_weights
 from ..origin import stamped
+from ..typing import Spec
 from .kfac import eigh64
 from .transform import spec_tag
 
@@ -38,7 +39,7 @@ def exact_curvature(
     model: nn.Module,
     params: Mapping[str, Tensor],
     data: Any,
-    spec: Any,
+    spec: Spec,
     *,
     kind: Kind = "ggn",
     loss_fn: LossFn | None = None,
@@ -109,7 +110,7 @@ def _batches(data: Any) -> Iterable[Any]:
 
 
 def _layer_params(
-    model: nn.Module, spec: Any, base: Mapping[str, Tensor]
+    model: nn.Module, spec: Spec, base: Mapping[str, Tensor]
 ) -> dict[str, tuple[str, str | None]]:
     """``{layer: (weight name, bias name)}`` as keys of ``base``, checked against ``model``."""
     every = dict(model.named_parameters(remove_duplicate=False))
@@ -146,7 +147,7 @@ def _layer_params(
 
 
 def _mover(
-    spec: Any, name: str, names: tuple[str, str | None], base: Mapping[str, Tensor]
+    spec: Spec, name: str, names: tuple[str, str | None], base: Mapping[str, Tensor]
 ) -> tuple[Callable[[Tensor], dict[str, Tensor]], Tensor]:
     """``Z [k_out, k_in] -> params`` with the layer's ``[W | b]`` moved by ``P_outᵀ Z P_in``,
     and the zero ``Z`` where the curvature is taken."""

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..batch import IGNORE_INDEX, ModelBatch, is_causal_lm, logits_of
 from ..grads import split_weights
 from ..projected import projected_grads
+from ..typing import Spec
 from .kfac import FISHERS, Fisher
 
 EXACT_MAX_OUTPUTS = 16
@@ -133,7 +134,7 @@ def fisher_logs(
     model: nn.Module,
     params: Mapping[str, Tensor],
     batch: Any,
-    spec: Any,
+    spec: Spec,
     *,
     fisher: Fisher = "auto",
     seed: int = 0,
@@ -205,7 +206,7 @@ def _exact_logs(
     model: nn.Module,
     params: Mapping[str, Tensor],
     batch: Any,
-    spec: Any,
+    spec: Spec,
     loss_fn: Any,
     logits: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:

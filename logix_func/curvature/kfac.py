@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ..typing import Spec
 from .transform import Transform, check_counted, check_finite, check_layers, layer_dims, spec_tag
 
 Fisher = Literal["auto", "true", "empirical", "exact"]
@@ -42,7 +43,7 @@ def kfac(fisher: Fisher = "auto", *, dtype: torch.dtype = torch.float32) -> Tran
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
 
-    def init(spec: Any, device: torch.device | str | None = None) -> dict[str, Any]:
+    def init(spec: Spec, device: torch.device | str | None = None) -> dict[str, Any]:
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 

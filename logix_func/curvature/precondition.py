@@ -7,13 +7,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from ..origin import factors_provenance
+from ..typing import ProjectedGrads
 from .transform import check_layers
-
-Grads = dict[str, Float[Tensor, "*batch k_out k_in"]]
 
 
 class Preconditioner:
@@ -67,7 +65,7 @@ class Preconditioner:
                 f"layer {name!r} has zero eigenvalues: damping must be > 0 to invert it"
             )
 
-    def __call__(self, grads: Grads) -> Grads:
+    def __call__(self, grads: ProjectedGrads) -> ProjectedGrads:
         check_layers(self.layers, grads, "gradient layers")
         return {name: self._apply(name, g) for name, g in grads.items()}
 
@@ -123,5 +121,5 @@ class IdentityPreconditioner:
     provenance = None
     damping: dict[str, float] = {}
 
-    def __call__(self, grads: Grads) -> Grads:
+    def __call__(self, grads: ProjectedGrads) -> ProjectedGrads:
         return dict(grads)

@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..typing import Spec
 from .ekfac import _token_logs
 from .kfac import eigh64
 from .transform import Transform, check_counted, check_finite, check_layers, layer_dims, spec_tag
@@ -36,7 +37,7 @@ def raw(*, dtype: torch.dtype = torch.float32, eigh: bool = True) -> Transform:
       eigendecomposition saved) :func:`preconditioner` solves with a Cholesky factor instead.
     """
 
-    def init(spec: Any, device: torch.device | str | None = None) -> dict[str, Any]:
+    def init(spec: Spec, device: torch.device | str | None = None) -> dict[str, Any]:
         layers = {
             name: {
                 "C": torch.zeros(k_out * k_in, k_out * k_in, dtype=dtype, device=device),

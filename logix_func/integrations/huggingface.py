@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from transformers import Trainer
 
+from .._compat import collator_with_removed_columns, remove_unused_columns
 from ..curvature import preconditioner as make_preconditioner
 from ..curvature.kfac import Fisher
 from ..distributed import Group, gather_scores, gather_top_k, store_part
@@ -48,9 +49,9 @@ from ..pipeline import (
 )
 from ..projection import ProjectionSpec, logra
 from ..store import LogStore
+from ..typing import Rows
 
 Method = Literal["kfac", "ekfac", "raw", "none"]
-Rows = dict[str, Float[Tensor, "n k_out k_in"]]
 
 
 @dataclass(frozen=True)
@@ -403,9 +404,9 @@ class Batches:
         args = trainer.args
         collator = trainer.data_collator
         if _is_hf_dataset(dataset):
-            dataset = trainer._remove_unused_columns(dataset, description="attribution")
+            dataset = remove_unused_columns(trainer, dataset, "attribution")
         else:
-            collator = trainer._get_collator_with_removed_columns(collator, "attribution")
+            collator = collator_with_removed_columns(trainer, collator, "attribution")
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size or args.eval_batch_size,

@@ -17,8 +17,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
+from .._compat import tree_map
 from ..batch import ModelBatch
 from ..capturing import capture, flatten_capture
 from ..ids import content_ids

@@ -76,7 +76,7 @@ def kvstore_spec(url: str | Mapping[str, Any]) -> dict:
     return spec
 
 
-def _context(durable: bool) -> ts.Context:
+def context(durable: bool) -> ts.Context:
     """A context sharing ``memory://`` stores across opens in this process.
 
     Local files: each write goes to a temporary file with a unique name that is renamed over
@@ -115,7 +115,7 @@ class Root:
     def __init__(self, url: str | Mapping[str, Any], durable: bool = True):
         self.url = url
         self.spec = kvstore_spec(url)
-        self.context = _context(durable)
+        self.context = context(durable)
         self.kv = wait(ts.KvStore.open(self.spec, context=self.context), f"opening {url}")
 
     @property

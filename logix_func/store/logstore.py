@@ -12,10 +12,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .._version import __version__
 from .errors import (
-    CorruptStoreError,
     DuplicateIdError,
-    NotAStoreError,
     SchemaError,
     StoreError,
     listed,
@@ -24,27 +23,10 @@ from .idset import IdSet, KnownIds, lookup
 from .layout import ATTRS_NAME, GROUP_KEY, Root
 from .reader import Ids, LogDataset, Snapshot
 from .schema import StoreSchema
+from .stored import open_root, stored_attrs, stored_schema
 from .writer import ShardWriter
 
 OnDuplicate = Literal["error", "skip"]
-
-
-def _stored_attrs(group: Any, url: str) -> dict:
-    attrs = group.get("attributes", {}) if isinstance(group, dict) else {}
-    if ATTRS_NAME not in attrs:
-        kind = group.get("node_type", "file") if isinstance(group, dict) else "file"
-        raise NotAStoreError(f"{url} holds a zarr {kind}, not a logix_func store")
-    return attrs[ATTRS_NAME]
-
-
-def _stored_schema(attrs: dict, url: str) -> StoreSchema:
-    try:
-        return StoreSchema.from_json(attrs["schema"])
-    except (SchemaError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CorruptStoreError(
-            f"{url}/{GROUP_KEY} holds no valid schema ({type(e).__name__}: {e}): "
-            "damaged or written by another tool; restore it from a copy"
-        ) from None
 
 
 class LogStore:
@@ -74,7 +56,7 @@ class LogStore:
         self._root = root
         self.url = root.url
         self.attrs = attrs
-        self.schema = _stored_schema(attrs, root.url)
+        self.schema = stored_schema(attrs, root.url)
         self.writer = writer
         self.on_duplicate = on_duplicate
         self._snapshot: Snapshot | None = None
@@ -124,13 +106,13 @@ class LogStore:
         if existing is None and not root.create_json(GROUP_KEY, group):
             existing, _ = root.read_json(GROUP_KEY)  # another process created it meanwhile
         if existing is not None:
-            info = _stored_attrs(existing, url)
+            info = stored_attrs(existing, url)
             if not exist_ok:
                 raise StoreError(
                     f"{url} already holds a store; open it with LogStore.open(url, mode='a') "
                     "or pass exist_ok=True"
                 )
-            differences = _stored_schema(info, url).differences(schema)
+            differences = stored_schema(info, url).differences(schema)
             if differences:
                 raise SchemaError(f"{url} holds a different schema: " + "; ".join(differences))
         return cls(root, info, "a", writer, on_duplicate, max_inflight)
@@ -147,14 +129,8 @@ class LogStore:
         durable: bool = True,
     ) -> LogStore:
         """Open the store at ``url`` to read (``mode="r"``) or to append as ``writer`` (``"a"``)."""
-        root = Root(url, durable)
-        group, _ = root.read_json(GROUP_KEY)
-        if group is None:
-            raise NotAStoreError(
-                f"no logix_func store at {url} (it has no zarr.json); "
-                "create one with LogStore.create(url, schema)"
-            )
-        return cls(root, _stored_attrs(group, url), mode, writer, on_duplicate, max_inflight)
+        root, attrs = open_root(url, durable)
+        return cls(root, attrs, mode, writer, on_duplicate, max_inflight)
 
     # writing
 
@@ -385,6 +361,4 @@ def _check_finite(rows: Mapping[str, Tensor], keys: list) -> None:
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__

@@ -15,6 +15,7 @@ from torch import Tensor
 from .errors import DuplicateIdError, listed
 from .layout import Root, wait
 from .schema import StoreSchema, numpy_to_tensor
+from .stored import open_root, stored_schema
 from .writer import shard_arrays
 
 Ids = Tensor | list[str]
@@ -243,10 +244,8 @@ class LogDataset(torch.utils.data.Dataset):
                 "Create the DataLoader with multiprocessing_context='spawn' (or 'forkserver')."
             )
         if self._snapshot is None:
-            from .logstore import LogStore
-
-            store = LogStore.open(self.url)
-            self._snapshot = Snapshot(store._root, store.schema, self.counts)
+            root, attrs = open_root(self.url)
+            self._snapshot = Snapshot(root, stored_schema(attrs, self.url), self.counts)
             self._pid = os.getpid()
         return self._snapshot
 
