@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
                 model, params, loader, spec, method=method, fisher="exact", progress=False
             )
             means = {n: mean_eigenvalue(f) for n, f in factors["layers"].items()}
+            scales = ", ".join(f"{n}: {m:.2g}" for n, m in means.items())
             dampings = [{n: f * m for n, m in means.items()} for f in args.fractions]
             dampings.append(args.weight_decay)
             values = [
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{rank:10s} {method:6s} "
                 + " ".join(f"{v:7.3f}" for v in values[:-1])
-                + f" {values[-1]:8.3f}",
+                + f" {values[-1]:8.3f}   mean eigenvalues {scales}",
                 flush=True,
             )
     print(f"time {time.perf_counter() - start:.0f} s")
