@@ -9,7 +9,10 @@ mean of their scores (TRAK). Each member's preconditioner is applied to its quer
 front, so that only rows are held across members.
 
 Printed per curvature and projection: each member's own LDS, their mean, and the LDS of the
-ensemble of the first 1, 2, …, ``members`` members.
+ensemble of the first 1, 2, …, ``members`` members; then two diagnostics of the full
+ensemble: the mean per-query Pearson correlation between two members' scores (how much
+there is to average away) and the LDS with each member's scores divided by their standard
+deviation (whether the members' scales differ enough to matter).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'curvature':8s} {'projection':10s} {'members (own LDS)':>36s} {'mean':>6s} | {header}")
     for method in args.methods:
         for rank in args.ranks:
-            members, queries, own = [], [], []
+            members, queries, own, scores = [], [], [], []
             for k, params in enumerate(gt.params):
                 spec = lf.logra(model, rank=None if rank == "full" else int(rank), seed=k)
                 train = lf.projected_grads(model, params, (x, y), spec)
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
                 del factors
                 members.append(lf.Member(train))
                 queries.append(query)
-                own.append(gt.lds(lf.influence(query, train)))
+                scores.append(lf.influence(query, train).double())
+                own.append(gt.lds(scores[-1]))
             combined = [
                 gt.lds(lf.ensemble_influence(queries[:k], members[:k]))
                 for k in range(1, args.members + 1)
@@ -65,6 +69,17 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{method:8s} {rank:10s} {' '.join(f'{v:.3f}' for v in own):>36s} "
                 f"{np.mean(own):6.3f} | " + " ".join(f"{v:6.3f}" for v in combined),
+                flush=True,
+            )
+            stacked = torch.stack(scores)  # [K, Q, N]
+            centred = stacked - stacked.mean(-1, keepdim=True)
+            unit = centred / centred.norm(dim=-1, keepdim=True)
+            pairs = torch.einsum("aqn,bqn->abq", unit, unit).mean(-1)
+            apart = pairs[~torch.eye(len(pairs), dtype=torch.bool)].mean()
+            scaled = (stacked / stacked.std(dim=(1, 2), keepdim=True)).mean(0)
+            print(
+                f"{'':19s} member score correlation {apart:.3f}, "
+                f"LDS of the std-normalised mean {gt.lds(scaled):.3f}",
                 flush=True,
             )
     print(f"{time.perf_counter() - start:.0f} s")

@@ -4,12 +4,13 @@
 
 Accuracy: LDS (``measurement="loss"``, every test point) on the digits-MLP ground truth of
 ``--data`` for ``fit_curvature(method=...)`` with the exact Fisher and the default damping
-(0.1 × each layer's mean eigenvalue), EKFAC against ``method="ggn"``, per projection.
+(0.1 × each layer's mean eigenvalue), EKFAC against ``method="ggn"`` and ``method="auto"``
+(the GGN for layers with ``k ≤ 4096``, EKFAC for the others), per projection.
 
 Cost: wall time of fitting plus building the preconditioner (GGN: its Cholesky factors),
-EKFAC and GGN interleaved ``--repeats`` times in one process (best of each, one thread) on the
-ground-truth MLP and on ``64-128-128-10`` (timing only, random weights), per rank: the ratio
-GGN / EKFAC is the figure to read. ``--repeats 0``: accuracy only.
+EKFAC, GGN and auto interleaved ``--repeats`` times in one process (best of each, one thread)
+on the ground-truth MLP and on ``64-128-128-10`` (timing only, random weights), per rank: the
+ratios GGN / EKFAC and auto / EKFAC are the figures to read. ``--repeats 0``: accuracy only.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from benchmarks.lds_data import load_ground_truth
 from benchmarks.logra_models import best_times
 from logix_func.pipeline import fit_curvature
 
-METHODS = ("ekfac", "ggn")
+METHODS = ("ekfac", "ggn", "auto")
 
 
 def fitted(model, params, loader, spec, method):
@@ -56,9 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     loader = list(zip(x.split(325), y.split(325), strict=True))
     test = (gt.split.test_x, gt.split.test_y)
     print(f"ground truth {args.data}: {gt.describe}")
-    print(
-        f"{'projection':10s} {'LDS ekfac':>10s} {'LDS ggn':>8s} {'ekfac s':>8s} {'ggn s':>8s} ratio"
-    )
+    print(f"{'projection':10s} " + " ".join(f"{'LDS ' + m:>9s}" for m in METHODS), end="")
+    print(" " + " ".join(f"{m + ' s':>8s}" for m in METHODS) + "  ggn/ekfac auto/ekfac")
     for rank in args.ranks:
         spec = spec_of(model, rank)
         train = lf.projected_grads(model, params, (x, y), spec)
@@ -67,16 +67,11 @@ def main(argv: list[str] | None = None) -> None:
             m: lf.influence(query, train, preconditioner=fitted(model, params, loader, spec, m))
             for m in METHODS
         }
-        lds = {m: gt.lds(s) for m, s in scores.items()}
+        lds = " ".join(f"{gt.lds(scores[m]):9.3f}" for m in METHODS)
         if args.repeats == 0:  # accuracy only
-            print(f"{rank:10s} {lds['ekfac']:10.3f} {lds['ggn']:8.3f}", flush=True)
+            print(f"{rank:10s} {lds}", flush=True)
             continue
-        t = costs(model, params, loader, spec, args.repeats)
-        print(
-            f"{rank:10s} {lds['ekfac']:10.3f} {lds['ggn']:8.3f} {t['ekfac']:8.2f} {t['ggn']:8.2f} "
-            f"{t['ggn'] / t['ekfac']:5.1f}",
-            flush=True,
-        )
+        print(f"{rank:10s} {lds} {timing(costs(model, params, loader, spec, args.repeats))}")
     torch.manual_seed(0)
     wide = nn.Sequential(
         nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10)
@@ -85,11 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     print("64-128-128-10, random weights, same 1300 rows (timing only)")
     for rank in [r for r in args.ranks if r != "full" and args.repeats > 0]:
         t = costs(wide, wide_params, loader, spec_of(wide, rank), args.repeats)
-        print(
-            f"{rank:10s} {'':10s} {'':8s} {t['ekfac']:8.2f} {t['ggn']:8.2f} "
-            f"{t['ggn'] / t['ekfac']:5.1f}",
-            flush=True,
-        )
+        print(f"{rank:10s} {'':{10 * len(METHODS) - 1}s} {timing(t)}", flush=True)
+
+
+def timing(t: dict[str, float]) -> str:
+    """Seconds per method, then the ratios to EKFAC."""
+    seconds = " ".join(f"{t[m]:8.2f}" for m in METHODS)
+    return f"{seconds}  {t['ggn'] / t['ekfac']:9.1f} {t['auto'] / t['ekfac']:10.1f}"
 
 
 if __name__ == "__main__":

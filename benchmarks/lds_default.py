@@ -31,6 +31,7 @@ ROWS = [  # label, fit_curvature options, seeds
     ("EKFAC, empirical Fisher", {"fisher": "empirical"}, (0,)),
     ("KFAC, auto = exact Fisher", {"method": "kfac"}, (0,)),
     ("KFAC, one sampled label", {"method": "kfac", "fisher": "true"}, (0, 1, 2)),
+    ("auto (GGN where k <= 4096, else EKFAC)", {"method": "auto"}, (0,)),
 ]
 
 

@@ -283,6 +283,9 @@ def query_grads(
 # Label seeds of the EKFAC pass, apart from the KFAC pass's seed + i (torch seeds its CPU generator
 # with 32 bits: an offset of 2**32 would repeat the same draws).
 EKFAC_SEED_OFFSET = 2**31
+# method="auto": the dense GGN for layers with k = k_out·k_in up to this (its C is k² floats,
+# 64 MiB at float32), EKFAC for the others.
+AUTO_GGN_MAX = 4096
 
 
 def fit_curvature(
@@ -291,7 +294,7 @@ def fit_curvature(
     loader: Iterable[Any],
     spec: Spec,
     *,
-    method: Literal["kfac", "ekfac", "raw", "ggn"] = "ekfac",
+    method: Literal["kfac", "ekfac", "raw", "ggn", "auto"] = "ekfac",
     fisher: Fisher = "auto",
     seed: int = 0,
     loss_fn: Any = None,
@@ -308,7 +311,10 @@ def fit_curvature(
     factors ``{"C": [k, k]}`` per layer (``k = k_out·k_in``: for small models or LoGra ranks
     up to ≈ 64) that :func:`~logix_func.preconditioner` solves through a Cholesky factor.
     For ``"ggn"``, ``fisher="auto"`` means ``"exact"`` (``"true"`` gives its one-draw
-    Monte-Carlo estimate; the empirical Fisher is not a GGN and is refused).
+    Monte-Carlo estimate; the empirical Fisher is not a GGN and is refused). ``"auto"``: the
+    GGN for every layer with ``k ≤ AUTO_GGN_MAX`` (4096: ``C`` ≤ 64 MiB) and EKFAC for the
+    others, whose second pass also accumulates the GGN layers (same labels); all layers
+    small: ``"ggn"``, none (or ``fisher="empirical"``): ``"ekfac"``.
 
     ``label_sampler``: with a custom ``loss_fn``, draws the labels for ``fisher="true"`` or
     ``"auto"`` (see :func:`~logix_func.fisher_logs`).
@@ -345,6 +351,16 @@ def fit_curvature(
         )
         return cached(cache, f"curvature-{method}", record, fit)
     device = next(iter(params.values())).device
+    dense: list[str] = []
+    if method == "auto":
+        dims = layer_dims(spec)
+        dense = [n for n, (o, i) in dims.items() if o * i <= AUTO_GGN_MAX]
+        if fisher == "empirical" or not dense:
+            method, dense = "ekfac", []
+        elif len(dense) == len(dims):
+            method, dense = "ggn", []
+        else:
+            method = "ekfac"
     if method == "ggn":
         if fisher == "empirical":
             raise ValueError(
@@ -384,7 +400,7 @@ def fit_curvature(
             state = transform.update(state, grads, logs)
         return done(finalize(transform, state))
     if method not in ("kfac", "ekfac"):
-        raise ValueError(f"method must be 'kfac', 'ekfac', 'raw' or 'ggn', got {method!r}")
+        raise ValueError(f"method must be 'kfac', 'ekfac', 'raw', 'ggn' or 'auto', got {method!r}")
     k = kfac(fisher)
     state = k.init(spec, device)
     for _, logs in passes("KFAC"):
@@ -392,8 +408,17 @@ def fit_curvature(
     factors = finalize(k, state)
     if method == "kfac":
         return done(factors)
-    e = ekfac(factors)
+    e, g = ekfac(factors), raw(eigh=False)
     state = e.init(device)
+    pick = lambda d: {n: d[n] for n in dense if n in d}  # noqa: E731
+    if dense:  # the GGN layers' own spec: only their C is allocated
+        sub = dataclasses.replace(spec, layers=pick(spec.layers), pca=pick(spec.pca))
+        ggn_state = g.init(sub, device)
     for grads, logs in passes("EKFAC", EKFAC_SEED_OFFSET):
         state = e.update(state, grads, logs)
-    return done(finalize(e, state))
+        if dense:
+            ggn_state = g.update(ggn_state, pick(grads), pick(logs))
+    factors = finalize(e, state)
+    if dense:
+        factors["layers"].update(finalize(g, ggn_state)["layers"])
+    return done(factors)

@@ -275,6 +275,40 @@ def test_ggn_method_is_the_dense_per_layer_ggn_in_the_projected_space(rank):
         fit_curvature(model, params, loader, spec, method="ggn", fisher="empirical")
 
 
+def test_auto_method_takes_the_dense_ggn_where_it_fits_and_ekfac_elsewhere(monkeypatch):
+    """``method="auto"``: the dense GGN block for layers with ``k ≤ AUTO_GGN_MAX``, EKFAC's
+    factors for the others, one preconditioner over both."""
+    from logix_func import pipeline
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))  # k = 25 and 18
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    params = dict(model.named_parameters())
+    spec = lf.logra(model, rank=None)
+    loader = list(zip(x.split(8), y.split(8)))
+
+    def fit(method):
+        return pipeline.fit_curvature(model, params, loader, spec, method=method, progress=False)
+
+    monkeypatch.setattr(pipeline, "AUTO_GGN_MAX", 20)
+    auto, ekfac = fit("auto"), fit("ekfac")
+    want = dense_ggn_blocks(model, x, y)["2"]
+    assert set(auto["layers"]["2"]) == {"C"}
+    torch.testing.assert_close(auto["layers"]["2"]["C"].double(), want, atol=1e-6, rtol=1e-4)
+    for key, value in ekfac["layers"]["0"].items():
+        torch.testing.assert_close(auto["layers"]["0"][key], value)
+    assert auto["spec"] == ekfac["spec"] and auto["weights"] == ekfac["weights"]
+    queries = lf.projected_grads(model, params, (x[:3], y[:3]), spec)
+    got = lf.preconditioner(auto, damping=1e-2)(queries)
+    torch.testing.assert_close(got["0"], lf.preconditioner(ekfac, damping=1e-2)(queries)["0"])
+    for i in range(3):
+        solved = apply_dense(want, 1e-2, queries["2"][i])
+        torch.testing.assert_close(got["2"][i].double(), solved, atol=1e-5, rtol=1e-4)
+    monkeypatch.setattr(pipeline, "AUTO_GGN_MAX", 25)  # every layer fits: the GGN alone
+    assert set(fit("auto")["layers"]["0"]) == {"C"}
+    monkeypatch.setattr(pipeline, "AUTO_GGN_MAX", 10)  # none fits: EKFAC alone
+    assert all("eigenvalues" in f for f in fit("auto")["layers"].values())
+
+
 def test_raw_kronecker_route_and_cholesky_preconditioner_match_the_plain_ones():
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
