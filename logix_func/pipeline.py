@@ -310,8 +310,9 @@ def fit_curvature(
     ``(1/N) Σ_n Σ_c p_nc g_nc g_ncᵀ`` — ``raw(eigh=False)`` over the exact-Fisher logs,
     factors ``{"C": [k, k]}`` per layer (``k = k_out·k_in``: for small models or LoGra ranks
     up to ≈ 64) that :func:`~logix_func.preconditioner` solves through a Cholesky factor.
-    For ``"ggn"``, ``fisher="auto"`` means ``"exact"`` (``"true"`` gives its one-draw
-    Monte-Carlo estimate; the empirical Fisher is not a GGN and is refused). ``"auto"``: the
+    For ``"ggn"``, ``fisher="auto"`` is the exact expectation where that is cheap (as for the
+    other methods) and elsewhere, as ``"true"``, its one-draw Monte-Carlo estimate (language
+    models); the empirical Fisher is not a GGN and is refused. ``"auto"``: the
     GGN for every layer with ``k ≤ AUTO_GGN_MAX`` (4096: ``C`` ≤ 64 MiB) and EKFAC for the
     others, whose second pass also accumulates the GGN layers (same labels); all layers
     small: ``"ggn"``, none (or ``fisher="empirical"``): ``"ekfac"``.
@@ -361,14 +362,11 @@ def fit_curvature(
             method, dense = "ggn", []
         else:
             method = "ekfac"
-    if method == "ggn":
-        if fisher == "empirical":
-            raise ValueError(
-                "method='ggn' needs the model's own label distribution: use fisher='exact' "
-                "(default) or 'true'; for the empirical Fisher's covariance use method='raw'"
-            )
-        if fisher == "auto":  # a user's label sampler: its one-draw estimate
-            fisher = "exact" if label_sampler is None else "true"
+    if method == "ggn" and fisher == "empirical":
+        raise ValueError(
+            "method='ggn' needs the model's own label distribution: use fisher='auto' "
+            "(default), 'exact' or 'true'; for the empirical Fisher's covariance use method='raw'"
+        )
 
     def passes(desc: str, offset: int = 0):
         batches = rank_batches(loader, group)

@@ -376,3 +376,20 @@ def test_curvature_is_found_again_by_a_later_attribution(trainer, tmp_path):
     assert len(list((tmp_path / "c").iterdir())) == 2
     refit = Attribution(trainer, AttributionArguments(**{**vars(options), "cache": False}))
     assert refit._cache is None and len(list((tmp_path / "c").iterdir())) == 2
+
+
+def test_the_dense_ggn_methods_reach_the_trainer(trainer, tmp_path):
+    """method="ggn" gives each layer a dense [k, k] block (symmetric, positive semidefinite);
+    "auto" does too where k is small, and scores through it."""
+    for method in ("ggn", "auto"):
+        options = AttributionArguments(
+            store=str(tmp_path / method), rank=2, method=method, cache=False, progress=False
+        )
+        attribution = Attribution(trainer, options)
+        factors = attribution.fit_curvature()
+        blocks = {n: f["C"] for n, f in factors["layers"].items()}
+        assert set(blocks) == set(attribution.spec.layers)
+        for block in blocks.values():
+            assert block.shape == (4, 4) and torch.allclose(block, block.T)
+            assert torch.linalg.eigvalsh(block.double()).min() > -1e-6 * block.abs().max()
+        assert torch.isfinite(attribution.influence(QUERIES)).all()

@@ -94,9 +94,10 @@ def _parser() -> _Parser:
     )
     demo.add_argument(
         "--preconditioner",
-        choices=["ekfac", "kfac", "raw", "identity"],
+        choices=["ekfac", "kfac", "raw", "ggn", "auto", "identity"],
         default="ekfac",
-        help="curvature approximation applied to the query gradients",
+        help="curvature applied to the query gradients (ggn: the exact per-layer GGN in the "
+        "projected space; auto: the GGN where a layer's block is small, EKFAC elsewhere)",
     )
     demo.add_argument(
         "--fisher",

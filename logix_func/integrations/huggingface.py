@@ -51,7 +51,7 @@ from ..projection import ProjectionSpec, logra
 from ..store import LogStore
 from ..typing import Rows
 
-Method = Literal["kfac", "ekfac", "raw", "none"]
+Method = Literal["kfac", "ekfac", "raw", "ggn", "auto", "none"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,9 @@ class AttributionArguments:
             ``"*.weight"``); ``None`` = every projectable layer.
         exclude: names or patterns of layers to leave out (e.g. ``["*embed*"]``).
         method: curvature: ``"ekfac"``, ``"kfac"``, ``"raw"`` (full covariance of each layer's
-            projected gradient) or ``"none"`` (plain gradient dot products).
+            projected gradient), ``"ggn"`` (the exact per-layer GGN in the projected space),
+            ``"auto"`` (the GGN where a layer's block is small, EKFAC elsewhere) or ``"none"``
+            (plain gradient dot products); see :func:`~logix_func.fit_curvature`.
         fisher: ``"auto"`` (exact where cheap, else sampled), ``"true"`` (sampled labels),
             ``"empirical"`` (the data's) or ``"exact"``.
         damping: ``None`` = 0.1 × the mean eigenvalue per layer; a float is absolute.
@@ -107,9 +109,10 @@ class AttributionArguments:
     cache: str | dict | Literal[False] | None = None
 
     def __post_init__(self):
-        if self.method not in ("kfac", "ekfac", "raw", "none"):
+        if self.method not in ("kfac", "ekfac", "raw", "ggn", "auto", "none"):
             raise ValueError(
-                f"method must be 'kfac', 'ekfac', 'raw' or 'none', got {self.method!r}"
+                "method must be 'kfac', 'ekfac', 'raw', 'ggn', 'auto' or 'none', "
+                f"got {self.method!r}"
             )
         if self.ids != "index" and not callable(self.ids):
             raise ValueError(f"ids must be 'index' or a callable (batch, offset), got {self.ids!r}")
