@@ -67,6 +67,45 @@ def batches(data: tuple[torch.Tensor, torch.Tensor], size: int) -> list:
     return list(zip(x.split(size), y.split(size), strict=True))
 
 
+def logix_func_scores(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    train: list,
+    query: list,
+    spec,
+    workdir: str,
+    rec: Recorder,
+    **fit_options,
+) -> torch.Tensor:
+    """logix_func's pipeline, timed in ``rec``'s stages: ``log_dataset`` of ``train`` to a store
+    in ``workdir`` (extract); ``fit_curvature(**fit_options)`` saved there (curvature); the
+    query rows, ``preconditioner(factors)`` and ``influence`` over the store (score).
+    Returns ``[Q, N]`` scores with columns in training position order."""
+    import logix_func as lf
+    from logix_func.pipeline import fit_curvature, log_dataset
+
+    with rec.stage("extract"):
+        store = log_dataset(
+            model,
+            params,
+            train,
+            spec,
+            os.path.join(workdir, "train"),
+            progress=False,
+            ids=lambda batch, offset: lf.index_ids(offset, len(batch[1])),  # training positions
+        )
+    with rec.stage("curvature"):
+        factors = fit_curvature(model, params, train, spec, progress=False, **fit_options)
+        lf.save_state(factors, os.path.join(workdir, "factors.pt"))
+    with rec.stage("score"):
+        pre = lf.preconditioner(factors)
+        query_rows = {k: v.float() for k, v in lf.query_grads(model, params, query, spec).items()}
+        scores = lf.influence(query_rows, store, preconditioner=pre)
+        ordered = torch.empty_like(scores)
+        ordered[:, torch.as_tensor(store.ids())] = scores  # columns by training position
+    return ordered
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

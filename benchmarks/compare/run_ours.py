@@ -10,13 +10,9 @@ gradients, ``preconditioner(factors)`` (damping 0.1 × each layer's mean eigenva
 
 from __future__ import annotations
 
-import os
-
-import torch
-from common import Recorder, batches, build_model, load_problem, parse_args
+from common import Recorder, batches, build_model, load_problem, logix_func_scores, parse_args
 
 import logix_func as lf
-from logix_func.pipeline import fit_curvature, log_dataset
 
 
 def main() -> None:
@@ -31,28 +27,18 @@ def main() -> None:
 
     rec = Recorder()
     spec = lf.logra(model, rank=rank)
-    with rec.stage("extract"):
-        store = log_dataset(
-            model,
-            params,
-            train,
-            spec,
-            os.path.join(args.workdir, "train"),
-            progress=False,
-            ids=lambda batch, offset: lf.index_ids(offset, len(batch[1])),  # training positions
-        )
-    with rec.stage("curvature"):
-        factors = fit_curvature(
-            model, params, train, spec, method="ekfac", fisher=fisher, seed=seed, progress=False
-        )
-        lf.save_state(factors, os.path.join(args.workdir, "factors.pt"))
-    with rec.stage("score"):
-        pre = lf.preconditioner(factors)
-        rows = [lf.projected_grads(model, params, b, spec) for b in query]
-        query_rows = {k: torch.cat([r[k] for r in rows]).float() for k in rows[0]}
-        scores = lf.influence(query_rows, store, preconditioner=pre)
-        ordered = torch.empty_like(scores)
-        ordered[:, torch.as_tensor(store.ids())] = scores  # columns by training position
+    ordered = logix_func_scores(
+        model,
+        params,
+        train,
+        query,
+        spec,
+        args.workdir,
+        rec,
+        method="ekfac",
+        fisher=fisher,
+        seed=seed,
+    )
     rec.finish(args.result, ordered, args.workdir, logix_func=lf.__file__)
 
 
