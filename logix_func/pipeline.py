@@ -188,8 +188,9 @@ def log_dataset(
             mine = itertools.chain([] if first is None else [first], mine)
             if first is not None and _strings(ids(first[2], first[1])):
                 schema = dataclasses.replace(schema, ids="str")
-        store = open_store(store, schema, rank)
-    check_store(store, schema)
+        store = open_store(store, schema, rank)  # checked there
+    else:
+        check_store(store, schema)
     done = store.committed_ids()
     try:
         for _, offset, batch in tqdm(
