@@ -1,11 +1,11 @@
 """capture: per-sample inputs, outputs and output gradients of layers, and watched tensors.
 
-LogIX's ``forward`` / ``backward`` logs and ``watch_activation`` as one pure function. The model
-is only called through ``functional_call``, under the same ``TorchFunctionMode`` as
-:func:`~logix_func.projected_grads`: a covered layer's ``F.linear`` / ``conv`` / ``F.embedding``
-call is recognised by its weight, its input and output are recorded, and a zero tensor ``e``
-added to its output gives the output gradient ``δ = ∂(Σ_i loss_i)/∂e`` of every sample at
-once (samples do not interact in the batched pass). A forward that calls
+LogIX's ``forward`` / ``backward`` logs and ``watch_activation`` as one pure function, a reducer
+over the engine of :func:`~logix_func.projected_grads` (:mod:`logix_func._tap`). The model is
+only called through ``functional_call``: a covered layer's ``F.linear`` / ``conv`` /
+``F.embedding`` call is recognised by its weight, its input and output are recorded, and a zero
+tensor ``e`` added to its output gives the output gradient ``δ = ∂(Σ_i loss_i)/∂e`` of every
+sample at once (samples do not interact in the batched pass). A forward that calls
 :func:`~logix_func.watching.watch` exposes any other tensor the same way.
 
 Everything is seen in the token view of :mod:`logix_func.layers`, the view in which a layer's
@@ -26,16 +26,15 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import replace
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from ._compat import tree_leaves, under_transform
-from .batch import LossFn, sample_loss, summed_sample_losses
+from ._tap import Pass, call_mask, covered_layers, prepare, projectors, token_mask
+from .batch import LossFn, sample_loss
 from .layers import Call, LayerSpec, backprop_tokens, input_tokens, projectable_layers
-from .projected import _call_mask, _covered_layers, _Intercept, _token_mask, prepare
 from .projection import ProjectionSpec
 
 KINDS = ("inputs", "outputs", "output_grads")
@@ -80,25 +79,35 @@ def capture(
         raise ValueError(f"reduce must be 'sum', 'mean' or None, got {reduce!r}")
     mb, weights = prepare(model, params, batch)
     chosen = _chosen_layers(model, layers, project)
-    # _covered_layers reads only ``.layers``: no ProjectionSpec is built (torch.compile)
-    covered = _covered_layers(model, _Layers(chosen), {**weights[0], **weights[1]})
-    mats = _projectors(covered, project)
+    covered = covered_layers(model, chosen, {**weights[0], **weights[1]})
+    mats = dict.fromkeys(covered, (None, None)) if project is None else projectors(project, covered)
     watched = _check_watch(watch, covered)
     if watched and "outputs" not in kinds and "output_grads" not in kinds:
         raise ValueError("watched tensors have outputs and output_grads only; add one to what")
-    grads = "output_grads" in kinds
 
-    def inputs_of(name: str, call: Call) -> Tensor | None:
-        if "inputs" not in kinds:
-            return None
+    def record(name: str, call: Call | None, y: Tensor) -> tuple[Tensor, ...]:
+        """``(output,)`` or ``(output, inputs)``: aux of torch.func.grad, tensors only."""
+        if call is None or "inputs" not in kinds:
+            return (y.detach(),)
         layer = covered[name][0]
         if project is None:  # raw inputs: no bias column
             layer = replace(layer, bias=None, rank_in=layer.in_features)
-        return input_tokens(layer, call, mats[name][1], mb.size)
+        return y.detach(), input_tokens(layer, call, mats[name][1], mb.size)
 
-    run = _Run(model, mb, weights, covered, watched, inputs_of)
-    records = run.with_grads(sample_loss(model, mb, loss_fn)) if grads else run.forward_only()
-    mask = _token_mask(mb.tensors)
+    engine = Pass(model, mb, weights, covered, watched)
+    if "output_grads" in kinds:
+        deltas, seen = engine.output_grads(
+            mb.tensors, mb.size, record, sample_loss(model, mb, loss_fn)
+        )
+    else:
+        with torch.no_grad():
+            _, seen = engine.forward(mb.tensors, mb.size, record)
+        deltas = {name: [None] * len(calls) for name, calls in seen.items()}
+    records = {
+        name: [(*_split(r), d) for r, d in zip(calls, deltas[name], strict=True)]
+        for name, calls in seen.items()
+    }
+    mask = token_mask(mb.tensors)
     out = {}
     for name, (layer, _) in covered.items():
         p_out = mats[name][0]
@@ -108,7 +117,7 @@ def capture(
             tokens["inputs"] = [v for v, _, _ in calls]
         if "output_grads" in kinds:
             tokens["output_grads"] = [backprop_tokens(layer, d, p_out, mb.size) for *_, d in calls]
-        masks = [_call_mask(layer, mask, v) for v in tokens["outputs"]]
+        masks = [call_mask(layer, mask, v) for v in tokens["outputs"]]
         out[name] = _reduced({k: tokens[k] for k in kinds}, masks, reduce)
     if watched is True:
         watched = [name for name in records if name not in covered]
@@ -159,18 +168,6 @@ def _chosen_layers(
     return {n: found[n] for n in names}
 
 
-def _projectors(covered: dict, project: ProjectionSpec | None) -> dict[str, tuple]:
-    if project is None:
-        return dict.fromkeys(covered, (None, None))
-    groups: dict[tuple, list[str]] = {}
-    for name, (_, w) in covered.items():
-        groups.setdefault((w.device, w.dtype), []).append(name)
-    mats = {}
-    for (device, dtype), names in groups.items():
-        mats.update(project.projectors(names, device, dtype))
-    return mats
-
-
 def _check_watch(watch: Collection[str] | bool | None, covered: dict) -> Collection[str] | bool:
     if watch is None or watch is False:
         return ()
@@ -212,126 +209,6 @@ def _reduced(tokens: dict[str, list[Tensor]], masks: list[Tensor], reduce: Reduc
 def _split(record: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor]:
     """A recorded ``(output,)`` or ``(output, inputs)`` as ``(inputs or None, output)``."""
     return (record[1] if len(record) > 1 else None), record[0]
-
-
-class _Layers(NamedTuple):
-    """What ``_covered_layers`` reads of a spec (a NamedTuple: built under torch.compile)."""
-
-    layers: dict[str, LayerSpec]
-
-
-class _Run:
-    """One batched forward (and backward): ``{name: [(inputs, output, output grad), ...]}``."""
-
-    def __init__(self, model, mb, weights, covered, watched, inputs_of):
-        self.model, self.mb, self.weights = model, mb, weights
-        self.covered, self.watched, self.inputs_of = covered, watched, inputs_of
-
-    def forward(self, tap) -> tuple[Any, dict[str, list]]:
-        """Runs the model; ``tap(name, y)`` returns what replaces a recorded output ``y``."""
-        seen: dict[str, list] = {}
-        batch = self.mb.size
-
-        def on_layer(name: str, call: Call, y: Tensor) -> Tensor:
-            a = self.inputs_of(name, call)  # aux of torch.func.grad: tensors only, no None
-            seen.setdefault(name, []).append((y.detach(),) if a is None else (y.detach(), a))
-            return tap(name, y)
-
-        def on_watch(name: str, t: Tensor) -> Tensor:
-            if self.watched is not True and name not in self.watched:
-                return t
-            if name in seen:
-                raise ValueError(
-                    f"watch({name!r}) is called twice in one forward (or names a captured "
-                    "layer); use distinct names"
-                )
-            if t.dim() < 1 or t.shape[0] != batch:
-                raise ValueError(
-                    f"watched tensor {name!r} has shape {tuple(t.shape)}, whose first dimension "
-                    f"is not the batch ({batch})"
-                )
-            seen[name] = [(t.detach(),)]
-            return tap(name, t)
-
-        mode = _Intercept(self.covered, batch, on_layer, on_watch)
-        with mode:
-            outputs = self.mb.call(self.model, self.weights)
-        mode.check_all_called()
-        return outputs, seen
-
-    def forward_only(self) -> dict[str, list]:
-        with torch.no_grad():
-            _, seen = self.forward(lambda name, y: y)
-        return {name: [(*_split(r), None) for r in calls] for name, calls in seen.items()}
-
-    def loss(self, outputs: Any, loss_of) -> Tensor:
-        """Sum of the samples' losses, each computed on its own (batch of one)."""
-        return summed_sample_losses(loss_of, outputs, self.mb.tensors)
-
-    def with_grads(self, loss_of) -> dict[str, list]:
-        if under_transform():
-            deltas, seen = self.deltas_functional(loss_of)
-        else:
-            deltas, seen = self.deltas_autograd(loss_of)
-        return {
-            name: [(*_split(r), d) for r, d in zip(calls, deltas[name], strict=True)]
-            for name, calls in seen.items()
-        }
-
-    def deltas_autograd(self, loss_of) -> tuple[dict, dict]:
-        """Plain eager mode: zero leaves created as the forward reaches each recorded output."""
-        es: dict[str, list[Tensor]] = {}
-
-        def zero_leaf(name: str, y: Tensor) -> Tensor:
-            # a broadcast view of a zero scalar: shaped like the output, no memory of its own
-            es.setdefault(name, []).append(y.new_zeros((), requires_grad=True).expand(y.shape))
-            return y + es[name][-1]
-
-        with torch.enable_grad():
-            outputs, seen = self.forward(zero_leaf)
-            flat = [e for name in seen for e in es[name]]
-            loss = self.loss(outputs, loss_of)
-            grads = ()
-            if flat:  # no output to differentiate when only watched names were asked for
-                grads = torch.autograd.grad(loss, flat, allow_unused=True, materialize_grads=True)
-        it = iter(grads)
-        return {name: [next(it) for _ in es[name]] for name in seen}, seen
-
-    def deltas_functional(self, loss_of) -> tuple[dict, dict]:
-        """Compiled or transformed: ``torch.func.grad`` of zeros shaped by a first pass (dead
-        code once compiled), run with a differentiated input as in the real pass."""
-        shapes: dict[str, list] = {}
-
-        def shape_pass(zero: Tensor) -> Tensor:
-            _, seen = self.forward(lambda name, y: y + zero)
-            shapes.update(
-                {n: [(r[0].shape, r[0].dtype, r[0].device) for r in c] for n, c in seen.items()}
-            )
-            return zero
-
-        leaf = next(iter(tree_leaves(self.mb.tensors)))
-        torch.func.vjp(shape_pass, torch.zeros((), device=leaf.device))
-        es = {  # broadcast views of zero scalars: no memory of their own
-            name: tuple(torch.zeros((), dtype=t, device=d).expand(s) for s, t, d in calls)
-            for name, calls in shapes.items()
-        }
-
-        def total(es: dict[str, tuple[Tensor, ...]]) -> tuple[Tensor, dict]:
-            counts: dict[str, int] = {}
-
-            def next_zero(name: str, y: Tensor) -> Tensor:
-                i = counts[name] = counts.get(name, -1) + 1
-                if i >= len(es.get(name, ())) or es[name][i].shape != y.shape:
-                    raise RuntimeError(
-                        f"{name!r}: call {i} has output shape {tuple(y.shape)}, which the shape "
-                        "pass did not see; the model's forward must not depend on values"
-                    )
-                return y + es[name][i]
-
-            outputs, seen = self.forward(next_zero)
-            return self.loss(outputs, loss_of), seen
-
-        return torch.func.grad(total, has_aux=True)(es)
 
 
 def flatten_capture(captured: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:

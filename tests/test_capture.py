@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
+from torch.utils.checkpoint import checkpoint
 
 import logix_func as lf
 
@@ -110,6 +111,37 @@ def test_mlp_layers_and_watch_equal_hooks(reduce):
         assert set(got[name]) == set(want) | ({"mask"} if reduce is None else set())
         for kind, t in want.items():
             torch.testing.assert_close(got[name][kind], reduce_ref(t, ones, reduce))
+
+
+class Checkpointed(MLP):
+    """``fc1`` under non-reentrant checkpointing, or under ``torch.no_grad``."""
+
+    def __init__(self, no_grad):
+        super().__init__()
+        self.no_grad = no_grad
+
+    def forward(self, x):
+        if self.no_grad:
+            with torch.no_grad():
+                h = self.fc1(x)
+        else:
+            h = checkpoint(self.fc1, x, use_reentrant=False)
+        return self.fc2(lf.watch("hidden", self.act(h)))
+
+
+def test_checkpointed_layer_equals_hooks_and_a_no_grad_layer_is_refused():
+    plain, model = MLP().eval(), Checkpointed(no_grad=False).eval()
+    model.load_state_dict(plain.state_dict())
+    x, y = torch.randn(4, 5), torch.randn(4, 3)
+    ref = hooked(plain, ["fc1", "act"], lambda: mse(plain(x), y))
+    got = lf.capture(model, params_of(model), (x, y), watch=True, loss_fn=mse, reduce=None)
+    torch.testing.assert_close(got["fc1"]["output_grads"], ref["fc1"][2])
+    torch.testing.assert_close(got["hidden"]["output_grads"], ref["act"][2])
+    frozen = Checkpointed(no_grad=True).eval()
+    with pytest.raises(RuntimeError, match="covered layer 'fc1' ran with gradients disabled"):
+        lf.capture(frozen, params_of(frozen), (x, y), loss_fn=mse)
+    out = lf.capture(frozen, params_of(frozen), (x, y), what=["inputs", "outputs"])
+    assert set(out) == {"fc1", "fc2"}  # no backward: no gradient to miss
 
 
 def test_conv2d_raw_patches_outputs_and_grads():
