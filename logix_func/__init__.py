@@ -7,14 +7,11 @@ from .curvature import (
     IdentityPreconditioner,
     Preconditioner,
     ekfac,
-    exact_curvature,
-    fisher_logs,
     kfac,
     load_state,
     merge_states,
     preconditioner,
     raw,
-    sample_targets,
     save_state,
 )
 from .distributed import (
@@ -37,6 +34,8 @@ from .ensemble import (
     fit_members,
     member_weights,
 )
+from .exact import exact_curvature
+from .fisher import fisher_logs, sample_targets
 from .grads import per_sample_grads
 from .ids import DuplicateIdError, IndexedDataset, check_unique, content_ids, index_ids, string_ids
 from .influence import TopK, influence, influence_chunks, self_influence, top_k

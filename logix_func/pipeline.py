@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 from .batch import ModelBatch
 from .cache import cached, curvature_record
 from .capturing import capture_shapes
-from .curvature import ekfac, fisher_logs, kfac, raw
-from .curvature.fisher import LabelSampler
+from .curvature import ekfac, kfac, raw
 from .curvature.kfac import Fisher
 from .curvature.transform import layer_dims
 from .distributed import (
@@ -34,6 +33,7 @@ from .distributed import (
     rank_batches,
     rank_world,
 )
+from .fisher import LabelSampler, fisher_logs
 from .ids import indexed_loader
 from .kvstore import Location
 from .origin import loss_name, stamped, weights_fingerprint

@@ -1,13 +1,27 @@
-"""Curvature estimators as pure init/update/finalize transforms, and preconditioners."""
+"""Curvature estimators as pure init/update/finalize transforms, and preconditioners.
+
+Math only: nothing here runs the model. The code that does — :func:`fisher_logs`,
+:func:`sample_targets` (:mod:`logix_func.fisher`) and :func:`exact_curvature`
+(:mod:`logix_func.exact`) — lives beside the gradient code; its names are still importable from
+here, loaded on first use (PEP 562) so that importing this package never imports the engine.
+"""
+
+from importlib import import_module
+from typing import Any
 
 from .ekfac import ekfac
-from .exact import exact_curvature
-from .fisher import fisher_logs, sample_targets
 from .kfac import kfac
 from .precondition import IdentityPreconditioner, Preconditioner, preconditioner
 from .raw import raw
 from .state import load_state, merge_states, save_state
 from .transform import Transform
+
+_MOVED = {
+    "LabelSampler": "logix_func.fisher",
+    "exact_curvature": "logix_func.exact",
+    "fisher_logs": "logix_func.fisher",
+    "sample_targets": "logix_func.fisher",
+}
 
 __all__ = [
     "IdentityPreconditioner",
@@ -24,3 +38,10 @@ __all__ = [
     "sample_targets",
     "save_state",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The names that moved to the engine layer, imported when first asked for."""
+    if name in _MOVED:
+        return getattr(import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,14 +22,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .._compat import tree_flatten, tree_unflatten
-from ..batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
-from ..checks import check_modes, check_params, no_randomness_error
-from ..grads import split_weights
-from ..origin import stamped
-from ..typing import Spec
-from .kfac import eigh64
-from .transform import spec_tag
+from ._compat import tree_flatten, tree_unflatten
+from .batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
+from .checks import check_modes, check_params, no_randomness_error
+from .curvature.kfac import eigh64
+from .curvature.transform import spec_tag
+from .grads import split_weights
+from .origin import stamped
+from .typing import Spec
 
 Kind = Literal["ggn", "hessian"]
 Block = Float[Tensor, "k k"]

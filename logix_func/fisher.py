@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..batch import IGNORE_INDEX, ModelBatch, is_causal_lm, logits_of
-from ..grads import split_weights
-from ..projected import projected_grads
-from ..typing import Spec
-from .kfac import FISHERS, Fisher
+from .batch import IGNORE_INDEX, ModelBatch, is_causal_lm, logits_of
+from .curvature.kfac import FISHERS, Fisher
+from .grads import split_weights
+from .projected import projected_grads
+from .typing import Spec
 
 EXACT_MAX_OUTPUTS = 16
 
