@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .projection import json_tag
+
 Provenance = dict[str, str | None]
 _WEIGHTS_TAG = b"lf.weights.v1"
 _CHECKED = {
@@ -72,11 +74,12 @@ def loss_name(loss_fn: Any) -> str:
 
 def spec_hex(spec: Any) -> str | None:
     """The spec tag as 16 hex digits, of a ProjectionSpec, its dict or a state's int64 tag."""
-    from .curvature.transform import spec_tag
-
     if spec is None:
         return None
-    tag = spec if isinstance(spec, Tensor) else spec_tag(spec)
+    if isinstance(spec, Tensor):
+        tag = spec
+    else:
+        tag = spec.tag() if hasattr(spec, "tag") else json_tag(spec)
     return f"{int(tag):016x}"
 
 
