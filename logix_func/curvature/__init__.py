@@ -4,13 +4,15 @@ from .ekfac import ekfac
 from .exact import exact_curvature
 from .fisher import fisher_logs, sample_targets
 from .kfac import kfac
-from .precondition import IdentityPreconditioner, Preconditioner, preconditioner
+from .precondition import IdentityPreconditioner, LayerInverse, Preconditioner, preconditioner
 from .raw import raw
 from .state import load_state, merge_states, save_state
-from .transform import Transform
+from .transform import CurvatureLogs, Transform
 
 __all__ = [
+    "CurvatureLogs",
     "IdentityPreconditioner",
+    "LayerInverse",
     "Preconditioner",
     "Transform",
     "ekfac",

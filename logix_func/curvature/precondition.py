@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -136,7 +135,7 @@ class Preconditioner:
     """
 
     def __init__(
-        self, factors: Mapping[str, Any], damping: float | Mapping[str, float] | None
+        self, factors: CurvatureFactors, damping: float | Mapping[str, float] | None
     ) -> None:
         self.spec = factors["spec"]
         self.layers = factors["layers"]
@@ -166,7 +165,7 @@ class Preconditioner:
 
 
 def preconditioner(
-    factors: CurvatureFactors | Mapping[str, Any] | None,
+    factors: CurvatureFactors | None,
     damping: float | Mapping[str, float] | None = None,
 ) -> Preconditioner | IdentityPreconditioner:
     """A callable ``grads -> (H + λI)⁻¹ grads``; ``factors=None`` gives the identity."""

@@ -79,17 +79,17 @@ def alongside(main: Transform, extra: Transform, extra_spec: Spec) -> Transform:
     def pick(d: Mapping[str, Any] | None) -> dict[str, Any] | None:
         return None if d is None else {n: d[n] for n in names if n in d}
 
-    def init(spec: Spec, device: Device = None) -> dict[str, Any]:
+    def init(spec: Spec, device: Device = None) -> AlongsideState:
         return {**main.init(spec, device), "extra": extra.init(extra_spec, device)["layers"]}
 
-    def update(state: dict[str, Any], logs: CurvatureLogs) -> dict[str, Any]:
+    def update(state: AlongsideState, logs: CurvatureLogs) -> AlongsideState:
         logs = curvature_logs(logs, None)
         inner = {"spec": tag, "layers": state["extra"]}
         inner = extra.update(inner, CurvatureLogs(pick(logs.grads), pick(logs.logs)))
         outer = main.update({"spec": state["spec"], "layers": state["layers"]}, logs)
         return {**outer, "extra": inner["layers"]}
 
-    def finalize(state: dict[str, Any]) -> dict[str, Any]:
+    def finalize(state: AlongsideState) -> CurvatureFactors:
         factors = main.finalize({"spec": state["spec"], "layers": state["layers"]})
         replaced = extra.finalize({"spec": tag, "layers": state["extra"]})["layers"]
         return {**factors, "layers": {**factors["layers"], **replaced}}
@@ -162,6 +162,14 @@ class DenseFactors(TypedDict):
     """``raw(eigh=False)``, the GGN: ``C`` alone, solved through a Cholesky factor."""
 
     C: Float[Tensor, "k k"]
+
+
+class AlongsideState(TypedDict):
+    """:func:`alongside`'s: the main transform's state and the extra one's layers."""
+
+    spec: Int[Tensor, ""]
+    layers: dict[str, Any]
+    extra: dict[str, Any]
 
 
 LayerFactors = KroneckerFactors | EigenFactors | DenseFactors
