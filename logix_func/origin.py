@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .projection import json_tag
+from .typing import Spec
 
 Provenance = dict[str, str | None]
 _WEIGHTS_TAG = b"lf.weights.v1"
@@ -72,7 +73,7 @@ def loss_name(loss_fn: Any) -> str:
     return f"{getattr(named, '__module__', '?')}.{named.__qualname__}"
 
 
-def spec_hex(spec: Any) -> str | None:
+def spec_hex(spec: Spec | Mapping[str, Any] | Tensor | None) -> str | None:
     """The spec tag as 16 hex digits, of a ProjectionSpec, its dict or a state's int64 tag."""
     if spec is None:
         return None
@@ -86,7 +87,7 @@ def spec_hex(spec: Any) -> str | None:
 def provenance(
     model: nn.Module,
     params: Mapping[str, Tensor] | None,
-    spec: Any,
+    spec: Spec | Mapping[str, Any] | None,
     *,
     loss_fn: Any = None,
 ) -> Provenance:
@@ -99,7 +100,7 @@ def provenance(
     }
 
 
-def stamped(factors: dict[str, Any], model: nn.Module, params: Any, loss_fn: Any) -> dict:
+def stamped(factors: Mapping[str, Any], model: nn.Module, params: Any, loss_fn: Any) -> dict:
     """Curvature factors with the weights fingerprint and loss name they were fitted with
     (their ``"spec"`` tag is already there): preconditioners built from them check both."""
     return {**factors, "weights": weights_fingerprint(model, params), "loss": loss_name(loss_fn)}
