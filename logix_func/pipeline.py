@@ -42,6 +42,7 @@ from .store import LogStore, NotAStoreError, StoreSchema, model_fingerprint
 from .typing import Rows, Spec
 
 IdsFn = Callable[[Any, int], Tensor | list]
+Method = Literal["kfac", "ekfac", "raw", "ggn", "auto"]
 
 
 def position_ids(batch: Any, offset: int) -> Tensor:
@@ -295,7 +296,7 @@ def fit_curvature(
     loader: Iterable[Any],
     spec: Spec,
     *,
-    method: Literal["kfac", "ekfac", "raw", "ggn", "auto"] = "ekfac",
+    method: Method = "ekfac",
     fisher: Fisher = "auto",
     seed: int = 0,
     loss_fn: Any = None,
@@ -392,7 +393,7 @@ class Stage(NamedTuple):
     seed_offset: int = 0
 
 
-def curvature_stages(spec: Spec, method: str, fisher: Fisher) -> list[Stage]:
+def curvature_stages(spec: Spec, method: Method, fisher: Fisher) -> list[Stage]:
     """The passes ``fit_curvature(method=..., fisher=...)`` makes: ``"kfac"`` one, ``"ekfac"``
     KFAC then EKFAC (with ``"auto"``'s GGN layers riding along in the second), ``"raw"`` and
     ``"ggn"`` one covariance pass."""
