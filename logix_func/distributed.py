@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .batch import ModelBatch
 from .influence import TopK
+from .stats import all_reduce_stat, is_stat_state
 from .store import LogStore
 
 Group = Any  # a torch.distributed ProcessGroup, or None for this process alone
@@ -202,9 +203,13 @@ def all_reduce_state(state: Mapping[str, Any], group: Group) -> dict[str, Any]:
     Every tensor except the ``spec`` tag is summed (one all-reduce per dtype), so finalizing
     the result gives the factors of a single process that saw every rank's data. The ranks
     must hold states of the same spec and layers (else ``ValueError`` on every rank).
+    A running statistic's state (moments about its mean) is merged by
+    :func:`~logix_func.stats.all_reduce_stat`: sums about the common mean.
     """
     if group is None:
         return dict(state)
+    if "spec" not in state and is_stat_state(state):
+        return all_reduce_stat(state, group)
     import torch.distributed as dist
 
     leaves = _tensors(state)

@@ -26,7 +26,6 @@ from ._compat import tree_flatten, tree_unflatten
 from .batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
 from .checks import check_modes, check_params, no_randomness_error
 from .curvature.kfac import eigh64
-from .curvature.transform import spec_tag
 from .grads import split_weights
 from .origin import stamped
 from .typing import Spec
@@ -98,7 +97,7 @@ def exact_curvature(
         c = (c + c.T) / 2
         values, vectors = eigh64(c) if kind == "ggn" else torch.linalg.eigh(c.double())
         factors[name] = {"C": c, "Q": vectors.to(dtype), "eigenvalues": values.to(dtype)}
-    return stamped({"spec": spec_tag(spec), "layers": factors}, model, params, loss_fn)
+    return stamped({"spec": spec.tag(), "layers": factors}, model, params, loss_fn)
 
 
 def _batches(data: Any) -> Iterable[Any]:

@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .projection import json_tag
+from .typing import Spec
+
 Provenance = dict[str, str | None]
 _WEIGHTS_TAG = b"lf.weights.v1"
 _CHECKED = {
@@ -70,20 +73,21 @@ def loss_name(loss_fn: Any) -> str:
     return f"{getattr(named, '__module__', '?')}.{named.__qualname__}"
 
 
-def spec_hex(spec: Any) -> str | None:
+def spec_hex(spec: Spec | Mapping[str, Any] | Tensor | None) -> str | None:
     """The spec tag as 16 hex digits, of a ProjectionSpec, its dict or a state's int64 tag."""
-    from .curvature.transform import spec_tag
-
     if spec is None:
         return None
-    tag = spec if isinstance(spec, Tensor) else spec_tag(spec)
+    if isinstance(spec, Tensor):
+        tag = spec
+    else:
+        tag = spec.tag() if hasattr(spec, "tag") else json_tag(spec)
     return f"{int(tag):016x}"
 
 
 def provenance(
     model: nn.Module,
     params: Mapping[str, Tensor] | None,
-    spec: Any,
+    spec: Spec | Mapping[str, Any] | None,
     *,
     loss_fn: Any = None,
 ) -> Provenance:
@@ -96,7 +100,7 @@ def provenance(
     }
 
 
-def stamped(factors: dict[str, Any], model: nn.Module, params: Any, loss_fn: Any) -> dict:
+def stamped(factors: Mapping[str, Any], model: nn.Module, params: Any, loss_fn: Any) -> dict:
     """Curvature factors with the weights fingerprint and loss name they were fitted with
     (their ``"spec"`` tag is already there): preconditioners built from them check both."""
     return {**factors, "weights": weights_fingerprint(model, params), "loss": loss_name(loss_fn)}

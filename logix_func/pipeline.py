@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ from .cache import cached, curvature_record
 from .capturing import capture_shapes
 from .curvature import ekfac, kfac, raw
 from .curvature.kfac import Fisher
-from .curvature.transform import layer_dims
+from .curvature.transform import CurvatureFactors, CurvatureLogs, Transform, alongside
 from .distributed import (
     Group,
     all_reduce_state,
@@ -42,6 +42,7 @@ from .store import LogStore, NotAStoreError, StoreSchema, model_fingerprint
 from .typing import Rows, Spec
 
 IdsFn = Callable[[Any, int], Tensor | list]
+Method = Literal["kfac", "ekfac", "raw", "ggn", "auto"]
 
 
 def position_ids(batch: Any, offset: int) -> Tensor:
@@ -82,7 +83,7 @@ def store_schema(
     over its own weights, and ``loss_fn``), and of the entries ``"name.kind"`` of ``captures``
     (an example :func:`~logix_func.capturing.capture` result). It records the spec, the
     weights fingerprint and the loss name: rows of other weights are refused."""
-    layers = layer_dims(spec)
+    layers = spec.dims()
     if captures is not None:
         extra = capture_shapes(captures)
         clash = sorted(set(extra) & set(layers))
@@ -295,7 +296,7 @@ def fit_curvature(
     loader: Iterable[Any],
     spec: Spec,
     *,
-    method: Literal["kfac", "ekfac", "raw", "ggn", "auto"] = "ekfac",
+    method: Method = "ekfac",
     fisher: Fisher = "auto",
     seed: int = 0,
     loss_fn: Any = None,
@@ -303,7 +304,7 @@ def fit_curvature(
     progress: bool = True,
     group: Group = None,
     cache: Location | None = None,
-) -> dict[str, Any]:
+) -> CurvatureFactors:
     """Curvature factors of ``model`` over ``loader`` (one pass; two for EKFAC).
 
     ``method``: ``"kfac"``, ``"ekfac"``, ``"raw"`` (covariance of the gradients under
@@ -353,9 +354,52 @@ def fit_curvature(
         )
         return cached(cache, f"curvature-{method}", record, fit)
     device = next(iter(params.values())).device
+    stages = curvature_stages(spec, method, fisher)
+
+    def passes(desc: str, offset: int) -> Iterator[CurvatureLogs]:
+        batches = rank_batches(loader, group)
+        total = rank_total(loader, group)
+        bar = tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress)
+        for i, _, batch in bar:
+            yield CurvatureLogs(
+                *fisher_logs(
+                    model,
+                    params,
+                    batch,
+                    spec,
+                    fisher=fisher,
+                    seed=seed + i + offset,
+                    loss_fn=loss_fn,
+                    label_sampler=label_sampler,
+                )
+            )
+
+    factors = None
+    for stage in stages:
+        transform = stage.build(factors)
+        state = transform.init(spec, device)
+        for logs in passes(stage.desc, stage.seed_offset):
+            state = transform.update(state, logs)
+        factors = broadcast_state(transform.finalize(all_reduce_state(state, group)), group)
+    return stamped(factors, model, params, loss_fn)
+
+
+class Stage(NamedTuple):
+    """One pass of :func:`fit_curvature` over the loader: its progress label, its transform
+    built from the previous stage's factors (``None`` for the first) and its label-seed offset."""
+
+    desc: str
+    build: Callable[[CurvatureFactors | None], Transform]
+    seed_offset: int = 0
+
+
+def curvature_stages(spec: Spec, method: Method, fisher: Fisher) -> list[Stage]:
+    """The passes ``fit_curvature(method=..., fisher=...)`` makes: ``"kfac"`` one, ``"ekfac"``
+    KFAC then EKFAC (with ``"auto"``'s GGN layers riding along in the second), ``"raw"`` and
+    ``"ggn"`` one covariance pass."""
     dense: list[str] = []
     if method == "auto":
-        dims = layer_dims(spec)
+        dims = spec.dims()
         dense = [n for n, (o, i) in dims.items() if o * i <= AUTO_GGN_MAX]
         if fisher == "empirical" or not dense:
             method, dense = "ekfac", []
@@ -368,56 +412,20 @@ def fit_curvature(
             "method='ggn' needs the model's own label distribution: use fisher='auto' "
             "(default), 'exact' or 'true'; for the empirical Fisher's covariance use method='raw'"
         )
-
-    def passes(desc: str, offset: int = 0):
-        batches = rank_batches(loader, group)
-        total = rank_total(loader, group)
-        bar = tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress)
-        for i, _, batch in bar:
-            yield fisher_logs(
-                model,
-                params,
-                batch,
-                spec,
-                fisher=fisher,
-                seed=seed + i + offset,
-                loss_fn=loss_fn,
-                label_sampler=label_sampler,
-            )
-
-    def finalize(transform: Any, state: dict[str, Any]) -> dict[str, Any]:
-        factors = transform.finalize(all_reduce_state(state, group))
-        return broadcast_state(factors, group)
-
-    def done(factors: dict[str, Any]) -> dict[str, Any]:
-        return stamped(factors, model, params, loss_fn)
-
     if method in ("raw", "ggn"):
-        transform = raw(eigh=method == "raw")
-        state = transform.init(spec, device)
-        for grads, logs in passes(f"{method} covariance"):
-            state = transform.update(state, grads, logs)
-        return done(finalize(transform, state))
+        return [Stage(f"{method} covariance", lambda _: raw(eigh=method == "raw"))]
     if method not in ("kfac", "ekfac"):
         raise ValueError(f"method must be 'kfac', 'ekfac', 'raw', 'ggn' or 'auto', got {method!r}")
-    k = kfac(fisher)
-    state = k.init(spec, device)
-    for _, logs in passes("KFAC"):
-        state = k.update(state, logs)
-    factors = finalize(k, state)
-    if method == "kfac":
-        return done(factors)
-    e, g = ekfac(factors), raw(eigh=False)
-    state = e.init(device)
-    pick = lambda d: {n: d[n] for n in dense if n in d}  # noqa: E731
-    if dense:  # the GGN layers' own spec: only their C is allocated
-        sub = dataclasses.replace(spec, layers=pick(spec.layers), pca=pick(spec.pca))
-        ggn_state = g.init(sub, device)
-    for grads, logs in passes("EKFAC", EKFAC_SEED_OFFSET):
-        state = e.update(state, grads, logs)
-        if dense:
-            ggn_state = g.update(ggn_state, pick(grads), pick(logs))
-    factors = finalize(e, state)
-    if dense:
-        factors["layers"].update(finalize(g, ggn_state)["layers"])
-    return done(factors)
+    stages = [Stage("KFAC", lambda _: kfac(fisher))]
+    if method == "ekfac":
+
+        def second(factors: CurvatureFactors | None) -> Transform:
+            if not dense:
+                return ekfac(factors)
+            pick = lambda d: {n: d[n] for n in dense if n in d}  # noqa: E731
+            # the GGN layers' own spec: only their C is allocated
+            sub = dataclasses.replace(spec, layers=pick(spec.layers), pca=pick(spec.pca))
+            return alongside(ekfac(factors), raw(eigh=False), sub)
+
+        stages.append(Stage("EKFAC", second, EKFAC_SEED_OFFSET))
+    return stages

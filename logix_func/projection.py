@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .layers import KINDS, LayerSpec, projectable_layers, why_not_projectable
@@ -129,6 +129,15 @@ class ProjectionSpec:
                 matrices[(name, side)] = basis.to(device=device, dtype=dtype)
         return {n: (matrices.get((n, "out")), matrices.get((n, "in"))) for n in layers}
 
+    def dims(self) -> dict[str, tuple[int, int]]:
+        """``{layer: (k_out, k_in)}``: the shape of each layer's projected gradient."""
+        return {name: (layer.rank_out, layer.rank_in) for name, layer in self.layers.items()}
+
+    def tag(self) -> Int[Tensor, ""]:
+        """A 63-bit int64 tag of the spec (of :meth:`to_dict`), kept in curvature states,
+        factors and provenance to refuse mixing specs."""
+        return json_tag(self.to_dict())
+
     def row_size(self, dtype: torch.dtype = torch.float32) -> RowSize:
         """What one example's row costs in ``dtype``: ``k_out · k_in`` floats and bytes per
         layer and in total (``print`` it for a table), known before anything is logged."""
@@ -187,6 +196,13 @@ class ProjectionSpec:
         return head == (other.seed, other.distribution, other.layers) and same_pca
 
     __hash__ = None  # mutable-looking contents (dicts, tensors)
+
+
+def json_tag(payload: Mapping[str, Any]) -> Int[Tensor, ""]:
+    """The 63-bit int64 tag of a JSON-serialisable spec dict (``ProjectionSpec.tag`` of its
+    ``to_dict``; also the tag of a store schema's spec that is not a ProjectionSpec's)."""
+    digest = hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=8).digest()
+    return torch.tensor(int.from_bytes(digest, "little") >> 1, dtype=torch.int64)
 
 
 def _side_shape(layer: LayerSpec, side: str) -> tuple[int, int]:

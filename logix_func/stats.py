@@ -1,15 +1,20 @@
-"""Running mean, variance and covariance as optax-style transforms over explicit state.
+"""Running mean, variance and covariance on the transform contract of the curvature estimators.
 
-``stat = running_variance()`` gives ``stat.init``, ``stat.update``, ``stat.merge`` and
-``stat.finalize``. A state is a plain dict of tensors — ``{"n": [], "mean": [*shape]}`` plus
-``"m2": [*shape]`` (variance) or ``"m2": [D, D]`` with ``D = prod(shape)`` (covariance) — or a
-``{name: state}`` dict with one state per leaf of a ``{name: Tensor}`` log. ``n`` is the total
-row weight, ``m2`` the sum of weighted squared deviations (co-moments) from ``mean``.
+``stat = running_variance()`` gives ``stat.init(example, device=None)``, ``stat.update(state,
+x)`` and ``stat.finalize(state)`` (:class:`~logix_func.curvature.transform.Transform`'s
+signatures: ``example`` may be a projection spec and ``x`` a ``CurvatureLogs``, whose
+gradients are then the rows), plus ``stat.merge``.
+
+A state is a plain dict of tensors — ``{"n": [], "mean": [*shape]}`` plus ``"m2": [*shape]``
+(variance) or ``"m2": [D, D]`` with ``D = prod(shape)`` (covariance) — or a ``{name: state}``
+dict with one state per leaf of a ``{name: Tensor}`` log. ``n`` is the total row weight,
+``m2`` the sum of weighted squared deviations (co-moments) from ``mean``.
 
 ``update`` never changes the state it is given. Each batch is summarised where it lives (in its
 own precision, at least float32) relative to its own rounded mean, so that a large common offset
 cancels exactly; only the summary, state-sized, moves to the state's device and dtype, where it is
-combined with Chan et al.'s parallel formula. The same formula merges chunks and processes.
+combined with Chan et al.'s parallel formula. The same formula merges chunks and processes:
+:func:`~logix_func.all_reduce_state` reduces these states too (through :func:`all_reduce_stat`).
 """
 
 import math
@@ -20,6 +25,9 @@ from typing import Literal
 import torch
 from jaxtyping import Float, Shaped
 from torch import Tensor
+
+from .curvature.transform import CurvatureLogs, Device
+from .typing import Spec
 
 Kind = Literal["mean", "variance", "covariance"]
 State = dict[str, Tensor]
@@ -84,18 +92,22 @@ class RunningStat:
 
     def init(
         self,
-        example: Tree | ShapeLike | Mapping,
+        example: Tree | ShapeLike | Mapping | Spec,
+        device: Device = None,
         *,
-        device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> State | dict:
         """An empty state.
 
         ``example`` is a row shape (``(H,)``), a batch ``[N, *shape]`` like the ones passed to
-        ``update`` (its rows fix the shape, its device is the default ``device``), or a
-        ``{name: shape or batch}`` dict. ``device`` (default: the example's, else CPU) and
-        ``dtype`` (default float64) are where and how the state is kept, whatever the inputs.
+        ``update`` (its rows fix the shape, its device is the default ``device``), a
+        ``{name: shape or batch}`` dict, or a projection spec (rows ``[k_out, k_in]`` per
+        layer: the statistic of projected gradients). ``device`` (default: the example's, else
+        CPU) and ``dtype`` (default float64) are where and how the state is kept, whatever the
+        inputs.
         """
+        if hasattr(example, "dims"):
+            example = example.dims()
         if isinstance(example, Mapping):
             return {k: self.init(v, device=device, dtype=dtype) for k, v in example.items()}
         if isinstance(example, Tensor):
@@ -118,10 +130,13 @@ class RunningStat:
     def update(
         self,
         state: State | dict,
-        x: Shaped[Tensor, "..."] | Mapping,
+        x: Shaped[Tensor, "..."] | Mapping | CurvatureLogs,
         mask: Shaped[Tensor, "..."] | Mapping | None = None,
     ) -> State | dict:
         """The state after seeing the rows of ``x``; ``state`` itself is left unchanged.
+
+        A :class:`~logix_func.curvature.transform.CurvatureLogs` stands for its ``grads``
+        ``{layer: [B, (D,) k_out, k_in]}`` (every sample, and label draw, one row).
 
         ``x`` is ``[*lead, *shape]``: every position of the leading dimensions (``[N]`` or
         ``[N, T]`` …) is one row. ``mask`` (optional) has the leading dimensions or a prefix
@@ -130,6 +145,8 @@ class RunningStat:
         weights. Dicts are mapped leaf-wise; ``mask`` may be one tensor for every leaf or a
         dict with the same keys.
         """
+        if isinstance(x, CurvatureLogs):
+            x = x.grads
         if isinstance(x, Mapping):
             _check_keys("input", x, state)
             if isinstance(mask, Mapping):
@@ -194,29 +211,9 @@ class RunningStat:
         return self._from_sums(sums, sums["n"], shift, sums["s1"], sums.get("s2"))
 
     def all_reduce(self, state: State | dict, group=None) -> State | dict:
-        """The merged state of every process in ``group``, on every process.
-
-        Two all-reduces of one flat tensor each: first ``n`` and ``n · mean`` give the common
-        shift (the overall mean, so ranks without data are harmless), then ``to_sums`` about
-        it; returns ``from_sums``. The state's device must suit the group's backend (a
-        CPU-offloaded state needs a gloo group).
-        """
-        import torch.distributed as dist
-
-        leaves = _leaves(state)
-        totals = [t for s in leaves for t in (s["n"], s["n"] * s["mean"])]
-        totals = iter(_unflatten(_flat_op(totals, dist.all_reduce, group=group), totals))
-        shifts = []
-        for n, n_mean in zip(totals, totals, strict=True):
-            shifts.append(n_mean / torch.where(n > 0, n, torch.ones_like(n)))
-        sums = [self.to_sums(s, h) for s, h in zip(leaves, shifts, strict=True)]
-        flat = [t for s in sums for t in s.values()]
-        reduced = iter(_unflatten(_flat_op(flat, dist.all_reduce, group=group), flat))
-        merged = [
-            self.from_sums({k: next(reduced) for k in s}, h)
-            for s, h in zip(sums, shifts, strict=True)
-        ]
-        return _rebuild(state, iter(merged))
+        """The merged state of every process in ``group``, on every process: :func:`all_reduce_stat`
+        (:func:`~logix_func.all_reduce_state` does the same)."""
+        return all_reduce_stat(state, group)
 
     # ----------------------------------------------------------------- internals
 
@@ -266,6 +263,46 @@ class RunningStat:
         if s2 is not None:
             state["m2"] = s2.to(like["n"]) - self._outer(s1, s1) / n_safe
         return state
+
+
+def is_stat_state(state: Mapping) -> bool:
+    """Whether ``state`` is a running statistic's (a leaf state or a dict of them)."""
+    if _is_leaf_state(state):
+        return True
+    return bool(state) and all(isinstance(v, Mapping) and is_stat_state(v) for v in state.values())
+
+
+def _kind_of(state: State) -> Kind:
+    """A leaf state's kind, from its entries: no ``m2``, an elementwise or a ``[D, D]`` one."""
+    if "m2" not in state:
+        return "mean"
+    return "variance" if state["m2"].shape == state["mean"].shape else "covariance"
+
+
+def all_reduce_stat(state: State | dict, group=None) -> State | dict:
+    """The merged state of every process in ``group``, on every process.
+
+    Two all-reduces of one flat tensor each: first ``n`` and ``n · mean`` give the common
+    shift (the overall mean, so ranks without data are harmless), then ``to_sums`` about
+    it; returns ``from_sums``. The state's device must suit the group's backend (a
+    CPU-offloaded state needs a gloo group).
+    """
+    import torch.distributed as dist
+
+    leaves = _leaves(state)
+    stat = RunningStat(_kind_of(leaves[0]))
+    totals = [t for s in leaves for t in (s["n"], s["n"] * s["mean"])]
+    totals = iter(_unflatten(_flat_op(totals, dist.all_reduce, group=group), totals))
+    shifts = []
+    for n, n_mean in zip(totals, totals, strict=True):
+        shifts.append(n_mean / torch.where(n > 0, n, torch.ones_like(n)))
+    sums = [stat.to_sums(s, h) for s, h in zip(leaves, shifts, strict=True)]
+    flat = [t for s in sums for t in s.values()]
+    reduced = iter(_unflatten(_flat_op(flat, dist.all_reduce, group=group), flat))
+    merged = [
+        stat.from_sums({k: next(reduced) for k in s}, h) for s, h in zip(sums, shifts, strict=True)
+    ]
+    return _rebuild(state, iter(merged))
 
 
 def _leaves(state: Mapping) -> list[State]:

@@ -11,10 +11,10 @@ from typing import Any
 
 from .ekfac import ekfac
 from .kfac import kfac
-from .precondition import IdentityPreconditioner, Preconditioner, preconditioner
+from .precondition import IdentityPreconditioner, LayerInverse, Preconditioner, preconditioner
 from .raw import raw
 from .state import load_state, merge_states, save_state
-from .transform import Transform
+from .transform import CurvatureLogs, Transform
 
 _MOVED = {
     "LabelSampler": "logix_func.fisher",
@@ -24,7 +24,9 @@ _MOVED = {
 }
 
 __all__ = [
+    "CurvatureLogs",
     "IdentityPreconditioner",
+    "LayerInverse",
     "Preconditioner",
     "Transform",
     "ekfac",

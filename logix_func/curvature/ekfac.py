@@ -13,29 +13,49 @@ the whole batch is one ``[k_out, B] @ [B, k_in]`` product.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .transform import Transform, check_counted, check_finite, check_layers
+from ..typing import Logs, ProjectedGrads, Spec
+from .transform import (
+    CurvatureLogs,
+    Device,
+    EkfacState,
+    Factors,
+    KroneckerFactors,
+    Transform,
+    check_counted,
+    check_finite,
+    check_layers,
+    curvature_logs,
+)
 
 
-def ekfac(kfac_factors: dict[str, Any]) -> Transform:
+def ekfac(kfac_factors: Factors[KroneckerFactors]) -> Transform:
     """Eigenvalue correction on top of finalized KFAC factors.
 
-    * ``init(device=None) -> state``
-    * ``update(state, grads, logs=None) -> state`` with ``grads = {layer: [B, (D,) k_out,
-      k_in]}`` and optionally the same batch's logs ``{layer: {"activations": [B, T, k_in],
-      "backprops": [B, (D,) T, k_out], ...}}`` (padded tokens zeroed), as returned together
-      by :func:`logix_func.fisher_logs`: a layer is then rotated token by token where that is
-      cheaper (same result up to rounding).
+    * ``init(spec, device=None) -> state``: ``spec`` must be the KFAC factors' (its tag is
+      checked); the older ``init(device=None)`` skips that check.
+    * ``update(state, logs) -> state`` with a :class:`CurvatureLogs` ``(grads, logs)``:
+      ``grads = {layer: [B, (D,) k_out, k_in]}`` and optionally the same batch's logs
+      ``{layer: {"activations": [B, T, k_in], "backprops": [B, (D,) T, k_out], ...}}``
+      (padded tokens zeroed), as :func:`logix_func.fisher_logs` returns them: a layer is then
+      rotated token by token where that is cheaper (same result up to rounding). The older
+      ``update(state, grads, logs=None)`` is the same.
     * ``finalize(state) -> factors``: KFAC's with ``eigenvalues`` replaced by ``Λ``.
     """
     bases = {n: (f["QS"], f["QA"]) for n, f in kfac_factors["layers"].items()}
 
-    def init(device: torch.device | str | None = None) -> dict[str, Any]:
+    def init(spec: Spec | Device = None, device: Device = None) -> EkfacState:
+        if spec is None or isinstance(spec, str | torch.device):  # the older init(device)
+            spec, device = None, spec if spec is not None else device
+        if spec is not None and not torch.equal(spec.tag(), kfac_factors["spec"]):
+            raise ValueError(
+                f"ekfac: the spec's tag {int(spec.tag()):016x} differs from the KFAC factors' "
+                f"{int(kfac_factors['spec']):016x}: pass the spec the KFAC factors were fitted "
+                "with"
+            )
         layers = {
             name: {
                 "squares": torch.zeros(qs.shape[0], qa.shape[0], dtype=qs.dtype, device=device),
@@ -46,8 +66,9 @@ def ekfac(kfac_factors: dict[str, Any]) -> Transform:
         return {"spec": kfac_factors["spec"], "layers": layers}
 
     def update(
-        state: dict[str, Any], grads: dict[str, Tensor], logs: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
+        state: EkfacState, logs: CurvatureLogs | ProjectedGrads, more: Logs | None = None
+    ) -> EkfacState:
+        grads, logs = curvature_logs(logs, more)
         check_layers(state["layers"], grads, "gradient layers")
         if logs is not None:
             check_layers(state["layers"], logs, "logged layers")
@@ -74,7 +95,7 @@ def ekfac(kfac_factors: dict[str, Any]) -> Transform:
             }
         return {"spec": state["spec"], "layers": layers}
 
-    def finalize(state: dict[str, Any]) -> dict[str, Any]:
+    def finalize(state: EkfacState) -> Factors[KroneckerFactors]:
         layers = {}
         for name, acc in state["layers"].items():
             check_counted(acc["samples"], name)

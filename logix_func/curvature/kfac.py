@@ -6,13 +6,24 @@ For a layer whose per-sample gradient is ``G = Σ_t δ_t a_tᵀ`` (projected: ``
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from ..typing import Spec
-from .transform import Transform, check_counted, check_finite, check_layers, layer_dims, spec_tag
+from ..typing import Logs, Spec
+from .transform import (
+    CurvatureLogs,
+    Device,
+    Factors,
+    KfacState,
+    KroneckerFactors,
+    Transform,
+    check_counted,
+    check_finite,
+    check_layers,
+    kfac_logs,
+)
 
 Fisher = Literal["auto", "true", "empirical", "exact"]
 FISHERS = ("auto", "true", "empirical", "exact")
@@ -35,15 +46,16 @@ def kfac(fisher: Fisher = "auto", *, dtype: torch.dtype = torch.float32) -> Tran
     transform itself accumulates whatever logs it is given.
 
     * ``init(spec, device=None) -> state``
-    * ``update(state, logs) -> state`` with ``logs = {layer: {"activations": [B, T, k_in],
-      "backprops": [B, (D,) T, k_out], "mask": [B, T]}}`` (D label draws, optional)
+    * ``update(state, logs) -> state`` reads ``logs.logs`` of a :class:`CurvatureLogs` (or
+      takes them bare): ``{layer: {"activations": [B, T, k_in], "backprops": [B, (D,) T,
+      k_out], "mask": [B, T]}}`` (D label draws, optional)
     * ``finalize(state) -> factors``: per layer ``A``, ``S``, eigenbases ``QA``, ``QS`` and
       ``eigenvalues = λ_S λ_Aᵀ`` of shape ``[k_out, k_in]``.
     """
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
 
-    def init(spec: Spec, device: torch.device | str | None = None) -> dict[str, Any]:
+    def init(spec: Spec, device: Device = None) -> KfacState:
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
@@ -54,11 +66,12 @@ def kfac(fisher: Fisher = "auto", *, dtype: torch.dtype = torch.float32) -> Tran
                 "tokens": zeros(),
                 "samples": zeros(),
             }
-            for name, (k_out, k_in) in layer_dims(spec).items()
+            for name, (k_out, k_in) in spec.dims().items()
         }
-        return {"spec": spec_tag(spec), "layers": layers}
+        return {"spec": spec.tag(), "layers": layers}
 
-    def update(state: dict[str, Any], logs: dict[str, Any]) -> dict[str, Any]:
+    def update(state: KfacState, logs: CurvatureLogs | Logs) -> KfacState:
+        logs = kfac_logs(logs)
         check_layers(state["layers"], logs, "logged layers")
         layers = {}
         for name, acc in state["layers"].items():
@@ -83,7 +96,7 @@ def kfac(fisher: Fisher = "auto", *, dtype: torch.dtype = torch.float32) -> Tran
             }
         return {"spec": state["spec"], "layers": layers}
 
-    def finalize(state: dict[str, Any]) -> dict[str, Any]:
+    def finalize(state: KfacState) -> Factors[KroneckerFactors]:
         factors = {}
         for name, acc in state["layers"].items():
             check_counted(acc["samples"], name)

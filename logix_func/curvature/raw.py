@@ -12,44 +12,56 @@ multiply-adds.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..typing import Spec
+from ..typing import Logs, ProjectedGrads, Spec
 from .ekfac import _token_logs
 from .kfac import eigh64
-from .transform import Transform, check_counted, check_finite, check_layers, layer_dims, spec_tag
+from .transform import (
+    CurvatureLogs,
+    DenseFactors,
+    Device,
+    EigenFactors,
+    Factors,
+    RawState,
+    Transform,
+    check_counted,
+    check_finite,
+    check_layers,
+    curvature_logs,
+)
 
 
 def raw(*, dtype: torch.dtype = torch.float32, eigh: bool = True) -> Transform:
     """Gradient covariance per layer.
 
     * ``init(spec, device=None) -> state``
-    * ``update(state, grads, logs=None) -> state`` with ``grads = {layer: [B, (D,) k_out,
-      k_in]}`` and optionally the same batch's logs (as :func:`logix_func.fisher_logs` returns
-      them): layers with one token per sample then take the Kronecker route (same result up to
-      rounding).
+    * ``update(state, logs) -> state`` with a :class:`CurvatureLogs` ``(grads, logs)``:
+      ``grads = {layer: [B, (D,) k_out, k_in]}`` and optionally the same batch's logs (as
+      :func:`logix_func.fisher_logs` returns them): layers with one token per sample then take
+      the Kronecker route (same result up to rounding). The older ``update(state, grads,
+      logs=None)`` is the same.
     * ``finalize(state) -> factors``: per layer ``C`` [k, k], k = k_out·k_in, and with ``eigh``
       its eigenbasis ``Q`` [k, k] and ``eigenvalues`` [k]. Without them (an ``O(k³)``
       eigendecomposition saved) :func:`preconditioner` solves with a Cholesky factor instead.
     """
 
-    def init(spec: Spec, device: torch.device | str | None = None) -> dict[str, Any]:
+    def init(spec: Spec, device: Device = None) -> RawState:
         layers = {
             name: {
                 "C": torch.zeros(k_out * k_in, k_out * k_in, dtype=dtype, device=device),
                 "samples": torch.zeros((), dtype=dtype, device=device),
             }
-            for name, (k_out, k_in) in layer_dims(spec).items()
+            for name, (k_out, k_in) in spec.dims().items()
         }
-        return {"spec": spec_tag(spec), "layers": layers}
+        return {"spec": spec.tag(), "layers": layers}
 
     def update(
-        state: dict[str, Any], grads: dict[str, Tensor], logs: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
+        state: RawState, logs: CurvatureLogs | ProjectedGrads, more: Logs | None = None
+    ) -> RawState:
+        grads, logs = curvature_logs(logs, more)
         check_layers(state["layers"], grads, "gradient layers")
         if logs is not None:
             check_layers(state["layers"], logs, "logged layers")
@@ -74,7 +86,7 @@ def raw(*, dtype: torch.dtype = torch.float32, eigh: bool = True) -> Transform:
             layers[name] = {"C": acc["C"] + term, "samples": acc["samples"] + g.shape[0]}
         return {"spec": state["spec"], "layers": layers}
 
-    def finalize(state: dict[str, Any]) -> dict[str, Any]:
+    def finalize(state: RawState) -> Factors[EigenFactors | DenseFactors]:
         layers = {}
         for name, acc in state["layers"].items():
             check_counted(acc["samples"], name)

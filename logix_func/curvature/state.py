@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-State = dict[str, Any]
+from .transform import CurvatureFactors, State
+
+if TYPE_CHECKING:
+    from ..kvstore import Location
+
+Saved = State[Any] | CurvatureFactors
 
 
 def _check_same(a: Any, b: Any, path: str) -> None:
@@ -22,7 +27,7 @@ def _check_same(a: Any, b: Any, path: str) -> None:
         raise ValueError(f"cannot merge curvature states: {path} has different shapes")
 
 
-def merge_states(*states: State) -> State:
+def merge_states(*states: State[Any]) -> State[Any]:
     """Sum of curvature states from several chunks or processes (the ``spec`` tag must agree).
 
     Because every update is a sum, ``merge_states(update(s0, a), update(s0, b))`` equals
@@ -47,7 +52,7 @@ def merge_states(*states: State) -> State:
     return {"spec": first["spec"], **merged}
 
 
-def save_state(state: State, url: Any) -> None:
+def save_state(state: Saved, url: Location) -> None:
     """Write a state (or finalized factors) to a local path, a tensorstore kvstore URL or a
     kvstore spec dict (see :mod:`logix_func.kvstore`)."""
     from ..kvstore import write_bytes
@@ -57,7 +62,7 @@ def save_state(state: State, url: Any) -> None:
     write_bytes(url, buf.getvalue())
 
 
-def load_state(url: Any) -> State:
+def load_state(url: Location) -> Saved:
     """Read what :func:`save_state` wrote."""
     from ..kvstore import read_bytes
 
