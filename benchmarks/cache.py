@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import logix_func as lf
 from benchmarks.logra_models import best_times
-from logix_func.cache import curvature_record
+from logix_func._cache import curvature_record
 from logix_func.demo.digits import digits_split, mlp_model, train_mlp
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import logix_func as lf
-from logix_func.curvature.ekfac import tokens_are_cheaper
+from logix_func.curvature._ekfac import tokens_are_cheaper
 from logix_func.demo.digits import digits_split, mlp_model, train_mlp
 
 

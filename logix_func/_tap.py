@@ -10,7 +10,7 @@ that one call, recognises the covered layers' ``F.linear`` / ``conv1d`` / ``conv
 runs its projections inside ``F.multi_head_attention_forward``, out of a handler's sight, so
 that call is computed by :func:`~logix_func.layers.mha_forward` instead. Any other use of a
 covered weight (a tied weight in a matmul, a parametrisation) is refused. A forward that calls
-:func:`~logix_func.watching.watch` hands the tap any other tensor the same way.
+:func:`~logix_func._watch.watch` hands the tap any other tensor the same way.
 
 A weight shared by several projectable modules (tied input and output embeddings) is covered
 once, under its layer; :func:`tied_uses` lists the other modules' uses of it.
@@ -25,8 +25,8 @@ not interact in the batched pass). Two backends differentiate the ``e``'s:
   :func:`~logix_func._compat.under_transform`): ``torch.func.grad`` of a function of the
   ``e``'s, whose shapes come from a first forward pass (dead code once compiled).
 
-The reducers over this engine are :func:`~logix_func.projected.projected_grads` (LoGra
-projected gradients) and :func:`~logix_func.capturing.capture` (activations and their
+The reducers over this engine are :func:`~logix_func._projected_grads.projected_grads` (LoGra
+projected gradients) and :func:`~logix_func._capture.capture` (activations and their
 gradients).
 """
 
@@ -42,13 +42,13 @@ from jaxtyping import Bool
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ._batch import ModelBatch, summed_sample_losses
+from ._checks import check_modes, check_params, draws_random, random_error
 from ._compat import reparametrize_module, tree_leaves, under_transform
-from .batch import ModelBatch, summed_sample_losses
-from .checks import check_modes, check_params, draws_random, random_error
-from .grads import split_weights
+from ._grads import split_weights
+from ._projection import ProjectionSpec
+from ._watch import watch
 from .layers import Call, LayerSpec, describe, mha_forward, projectable_layers
-from .projection import ProjectionSpec
-from .watching import watch
 
 Tap = Callable[[str, Call | None, Tensor], Tensor]
 """``tap(name, call, y) -> y'``: sees a covered call's output (``call`` None for a watched
@@ -333,7 +333,7 @@ class Pass:
 
 class Intercept(TorchFunctionMode):
     """Routes the ``uses``' calls, and the ``watched`` tensors, through ``tap`` while the model
-    runs (``watched``: names of :func:`~logix_func.watching.watch` calls, or True for all)."""
+    runs (``watched``: names of :func:`~logix_func._watch.watch` calls, or True for all)."""
 
     def __init__(
         self,

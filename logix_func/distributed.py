@@ -28,9 +28,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from .batch import ModelBatch
-from .influence import TopK
-from .stats import all_reduce_stat, is_stat_state
+from ._batch import ModelBatch
+from ._influence import TopK
+from ._stats import all_reduce_stat, is_stat_state
 from .store import LogStore
 
 Group = Any  # a torch.distributed ProcessGroup, or None for this process alone
@@ -204,7 +204,7 @@ def all_reduce_state(state: Mapping[str, Any], group: Group) -> dict[str, Any]:
     the result gives the factors of a single process that saw every rank's data. The ranks
     must hold states of the same spec and layers (else ``ValueError`` on every rank).
     A running statistic's state (moments about its mean) is merged by
-    :func:`~logix_func.stats.all_reduce_stat`: sums about the common mean.
+    :func:`~logix_func._stats.all_reduce_stat`: sums about the common mean.
     """
     if group is None:
         return dict(state)
@@ -246,7 +246,7 @@ class StorePart:
     """Rows ``[start, stop)`` of a store in its read order; scores like a store.
 
     ``len``, ``schema``, ``ids()`` and ``iter_chunks`` are those of the store restricted to the
-    block, so :func:`logix_func.influence` and :func:`logix_func.self_influence` accept it.
+    block, so :func:`logix_func._influence` and :func:`logix_func.self_influence` accept it.
     """
 
     def __init__(self, store: LogStore, start: int, stop: int):
@@ -338,7 +338,7 @@ def gather_scores(
     """Every rank's score columns side by side in rank order, on every rank: ``[Q, N]``.
 
     With :func:`store_part` the columns are in ``store.ids()`` order, as
-    :func:`logix_func.influence` on the whole store returns them. Memory: the full matrix on
+    :func:`logix_func._influence` on the whole store returns them. Memory: the full matrix on
     each rank.
     """
     if group is None:

@@ -19,11 +19,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .batch import ModelBatch
-from .cache import cached, curvature_record
-from .capturing import capture_shapes
+from ._batch import ModelBatch
+from ._cache import cached, curvature_record
+from ._capture import capture_shapes
+from ._fisher import LabelSampler, fisher_logs
+from ._ids import indexed_loader
+from ._origin import loss_name, stamped, weights_fingerprint
+from ._projected_grads import projected_grads
 from .curvature import ekfac, kfac, raw
-from .curvature.kfac import Fisher
+from .curvature._kfac import Fisher
 from .curvature.transform import CurvatureFactors, CurvatureLogs, Transform, alongside
 from .distributed import (
     Group,
@@ -33,11 +37,7 @@ from .distributed import (
     rank_batches,
     rank_world,
 )
-from .fisher import LabelSampler, fisher_logs
-from .ids import indexed_loader
-from .kvstore import Location
-from .origin import loss_name, stamped, weights_fingerprint
-from .projected import projected_grads
+from .store.kvstore import Location
 from .store import LogStore, NotAStoreError, StoreSchema, model_fingerprint
 from .typing import Rows, Spec
 
@@ -81,7 +81,7 @@ def store_schema(
 ) -> StoreSchema:
     """The schema of a store of ``spec``'s projected gradients of ``model`` (with ``params``
     over its own weights, and ``loss_fn``), and of the entries ``"name.kind"`` of ``captures``
-    (an example :func:`~logix_func.capturing.capture` result). It records the spec, the
+    (an example :func:`~logix_func._capture.capture` result). It records the spec, the
     weights fingerprint and the loss name: rows of other weights are refused."""
     layers = spec.dims()
     if captures is not None:
@@ -341,7 +341,7 @@ def fit_curvature(
     loaded instead of refitted when the weights fingerprint, spec, loss name, method, Fisher,
     seed, label sampler's name and the data (a hash of every batch, one pass without the
     model) all match; else they are fitted and saved beside the others (see
-    :mod:`logix_func.cache`).
+    :mod:`logix_func._cache`).
     """
     model = local_model(model)
     if cache is not None:

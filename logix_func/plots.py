@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .influence import TopK
+from ._influence import TopK
 
 PROPONENT, OPPONENT = "tab:green", "tab:red"
 
@@ -86,7 +86,7 @@ def influence_grid(
     """A grid with one row per query: the query image, its proponents, then its opponents.
 
     ``queries`` holds the query images (``[Q, ...]``); ``train[i]`` is the image of training id
-    ``i``, for the ids of ``helps``/``hurts`` (:class:`~logix_func.influence.TopK` results): a
+    ``i``, for the ids of ``helps``/``hurts`` (:class:`~logix_func._influence.TopK` results): a
     tensor ``[N, ...]`` for int ids, a mapping for string ids. Images are read by :func:`as_image`
     (``shape`` reshapes flattened ones). Proponent titles give the id, the label
     ``train_labels[i]`` if given, and the score; their frames are green, opponents' red.

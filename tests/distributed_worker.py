@@ -66,7 +66,7 @@ def main(folder: str) -> None:
     }
 
     reader = lf.LogStore.open(url)
-    part = lf.store_part(reader, group)
+    part = lf.distributed.store_part(reader, group)
     query = lf.projected_grads(model, params, (setup["qx"], setup["qy"]), spec)
     pre = lf.preconditioner(factors["ekfac"], damping=1e-3)
     scores = lf.influence(query, part, preconditioner=pre)
@@ -82,7 +82,7 @@ def main(folder: str) -> None:
     errors = {}
     mismatched = lf.kfac().init(lf.logra(model, rank=4 + rank, seed=0))  # another spec per rank
     try:
-        lf.all_reduce_state(mismatched, group)
+        lf.distributed.all_reduce_state(mismatched, group)
     except ValueError as e:
         errors["specs"] = str(e)
     shuffled = DataLoader(  # shuffling seeded per rank: the ranks draw different batches
@@ -92,7 +92,7 @@ def main(folder: str) -> None:
         generator=torch.Generator().manual_seed(rank),
     )
     try:
-        next(lf.rank_batches(shuffled, group))
+        next(lf.distributed.rank_batches(shuffled, group))
     except ValueError as e:
         errors["batches"] = str(e)
 
@@ -100,13 +100,15 @@ def main(folder: str) -> None:
         {
             "errors": errors,
             "factors": factors,
-            "top": tuple(lf.gather_top_k(scores, 5, group=group, ids=part_ids)),
-            "bottom": tuple(lf.gather_top_k(scores, 5, group=group, ids=part_ids, largest=False)),
-            "scores": lf.gather_scores(scores, group=group),
+            "top": tuple(lf.distributed.gather_top_k(scores, 5, group=group, ids=part_ids)),
+            "bottom": tuple(
+                lf.distributed.gather_top_k(scores, 5, group=group, ids=part_ids, largest=False)
+            ),
+            "scores": lf.distributed.gather_scores(scores, group=group),
             "part_ids": part_ids,
             "ddp_forwards": len(forwards),
             "resumed_from": resumed_from,
-            "fsdp_params": lf.full_params(sharded),
+            "fsdp_params": lf.distributed.full_params(sharded),
             "fsdp_error": fsdp_error,
         },
         f"{folder}/rank{rank}.pt",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from logix_func.batch import (
+from logix_func._batch import (
     IGNORE_INDEX,
     ModelBatch,
     is_causal_lm,

@@ -232,7 +232,7 @@ def test_raw_covariance_and_its_preconditioner_match_dense_algebra():
     params = dict(model.named_parameters())
     spec = lf.logra(model, rank=2, seed=3)
     grads = lf.projected_grads(model, params, (x, y), spec)
-    r = lf.raw(dtype=torch.float64)
+    r = lf.curvature.raw(dtype=torch.float64)
     factors = r.finalize(r.update(r.init(spec), grads))
     queries = random_grads(model)
     queries = {n: q[:, :2, :2] for n, q in queries.items()}
@@ -315,9 +315,9 @@ def test_raw_kronecker_route_and_cholesky_preconditioner_match_the_plain_ones():
     params = dict(model.named_parameters())
     spec = lf.logra(model, rank=3, seed=2)
     grads, logs = lf.fisher_logs(model, params, (x, y), spec, fisher="exact")
-    r = lf.raw(dtype=torch.float64)
+    r = lf.curvature.raw(dtype=torch.float64)
     plain = r.finalize(r.update(r.init(spec), grads))
-    bare = lf.raw(dtype=torch.float64, eigh=False)
+    bare = lf.curvature.raw(dtype=torch.float64, eigh=False)
     kron = bare.finalize(bare.update(bare.init(spec), grads, logs))
     queries = lf.projected_grads(model, params, (x[:4], y[:4]), spec)
     for damping in (None, 1e-2):

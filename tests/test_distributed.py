@@ -155,14 +155,14 @@ def test_gather_top_k_without_a_group_is_top_k():
     scores = torch.randn(3, 20)
     ids = torch.arange(100, 120)
     for largest in (True, False):
-        got = lf.gather_top_k(scores, 4, group=None, ids=ids, largest=largest)
+        got = lf.distributed.gather_top_k(scores, 4, group=None, ids=ids, largest=largest)
         want = lf.top_k(scores, 4, ids=ids, largest=largest)
         assert torch.equal(got.ids, want.ids) and torch.equal(got.values, want.values)
     names = [f"row{i}" for i in range(20)]
-    got = lf.gather_top_k(scores, 2, group=None, ids=names)
+    got = lf.distributed.gather_top_k(scores, 2, group=None, ids=names)
     assert got.ids == [[names[j] for j in row] for row in scores.topk(2, dim=1).indices.tolist()]
     with pytest.raises(ValueError, match="larger than the number"):
-        lf.gather_top_k(scores, 21, group=None)
+        lf.distributed.gather_top_k(scores, 21, group=None)
 
 
 def test_example_runs_under_torchrun(tmp_path):
@@ -177,5 +177,8 @@ def test_example_runs_under_torchrun(tmp_path):
 def test_rank_batches_alone_yields_every_batch_with_its_offset():
     data = TensorDataset(torch.arange(10.0)[:, None], torch.arange(10))
     for loader in (DataLoader(data, batch_size=4), list(DataLoader(data, batch_size=4))):
-        got = [(i, offset, batch[1].tolist()) for i, offset, batch in lf.rank_batches(loader, None)]
+        got = [
+            (i, offset, batch[1].tolist())
+            for i, offset, batch in lf.distributed.rank_batches(loader, None)
+        ]
         assert got == [(0, 0, [0, 1, 2, 3]), (1, 4, [4, 5, 6, 7]), (2, 8, [8, 9])]

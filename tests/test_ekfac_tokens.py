@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import logix_func as lf
-from logix_func.curvature.ekfac import tokens_are_cheaper
+from logix_func.curvature._ekfac import tokens_are_cheaper
 
 
 @pytest.fixture(autouse=True)

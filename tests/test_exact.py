@@ -137,7 +137,7 @@ def test_ggn_equals_the_exact_fisher_of_projected_gradients():
     model, params, x, y = mlp_data()
     spec = lf.logra(model, rank=(2, 3), seed=5)
     grads, _ = lf.fisher_logs(model, params, (x, y), spec, fisher="exact")
-    raw = lf.raw(dtype=DT)
+    raw = lf.curvature.raw(dtype=DT)
     fisher = raw.finalize(raw.update(raw.init(spec), grads))
     got = lf.exact_curvature(model, params, (x, y), spec, kind="ggn")
     assert got["spec"] == fisher["spec"]

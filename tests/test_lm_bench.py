@@ -65,7 +65,7 @@ def test_scores_match_dense_autograd_computation(problem):
     spec = lf.logra(model, rank=None)  # full gradients of every covered layer
     train_rows = lf.projected_grads(model, params, sh.as_batch(train), spec)
     query_rows = lf.projected_grads(model, params, sh.as_batch(query), spec)
-    transform = lf.raw()
+    transform = lf.curvature.raw()
     state = transform.update(transform.init(spec), train_rows)
     pre = lf.preconditioner(transform.finalize(state))
     ours = lf.influence(query_rows, train_rows, preconditioner=pre).double()

@@ -61,7 +61,7 @@ def test_rejects_a_length_mismatch_no_tokens_and_non_finite_scores():
 
 from matplotlib.figure import Figure  # noqa: E402
 
-from logix_func.influence import TopK  # noqa: E402
+from logix_func._influence import TopK  # noqa: E402
 from logix_func.plots import (  # noqa: E402
     influence_grid,
     proponent_table,

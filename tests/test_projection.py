@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import logix_func as lf
-from logix_func.projection import random_matrix_numpy, splitmix64
+from logix_func._projection import random_matrix_numpy, splitmix64
 
 
 def mlp():

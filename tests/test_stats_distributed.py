@@ -26,7 +26,8 @@ for name, stat in stats.items():
             chunk = {k: v[start : start + 16] for k, v in logs.items()}
             state = stat.update(state, chunk, mask[start : start + 16])
         result = stat.finalize(stat.all_reduce(state))
-        via = stat.finalize(lf.all_reduce_state(state, dist.group.WORLD))  # the same reduction
+        # the same reduction
+        via = stat.finalize(lf.distributed.all_reduce_state(state, dist.group.WORLD))
         assert all(torch.equal(via[k], result[k]) for k in result)
         torch.save(result, f"{folder}/{name}{'-empty0' * empty0}{rank}.pt")
 dist.destroy_process_group()

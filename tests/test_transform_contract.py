@@ -9,7 +9,7 @@ from torch import nn
 
 import logix_func as lf
 from logix_func.curvature import CurvatureLogs, LayerInverse
-from logix_func.curvature.precondition import (
+from logix_func.curvature._precondition import (
     CholeskyInverse,
     EigenInverse,
     KroneckerEigenInverse,
@@ -86,7 +86,7 @@ def test_kfac_ekfac_raw_and_stats_follow_one_signature(problem):
     ref = empirical(model, x, y)
     kfac = run(lf.kfac("empirical", dtype=torch.float64), spec, logs)
     ekfac = run(lf.ekfac(kfac), spec, logs)
-    raw = run(lf.raw(dtype=torch.float64), spec, logs)
+    raw = run(lf.curvature.raw(dtype=torch.float64), spec, logs)
     cov = run(lf.running_covariance(), spec, logs)
     mean = run(lf.running_mean(), spec, logs)
     for name, samples in ref.items():
@@ -106,7 +106,7 @@ def test_ggn_path_is_the_exact_fisher_of_a_for_loop(problem):
     """``raw(eigh=False)`` over exact-Fisher logs: ``(1/N) Σ_n Σ_c p_nc vec(G_nc) vec(G_nc)ᵀ``."""
     model, params, x, y, spec = problem
     logs = curvature_logs(model, params, x, y, spec, "exact")
-    ggn = run(lf.raw(dtype=torch.float64, eigh=False), spec, logs)
+    ggn = run(lf.curvature.raw(dtype=torch.float64, eigh=False), spec, logs)
     probs = model(x).softmax(-1).detach()
     per_class = [reference(model, x, lambda n, z, c=c: torch.tensor(c)) for c in range(3)]
     for name in ("0", "2"):
@@ -122,7 +122,7 @@ def test_ggn_path_is_the_exact_fisher_of_a_for_loop(problem):
 def test_older_call_forms_give_the_same_states(problem):
     model, params, x, y, spec = problem
     grads, logs = lf.fisher_logs(model, params, (x, y), spec, fisher="exact")
-    k, r = lf.kfac("exact"), lf.raw()
+    k, r = lf.kfac("exact"), lf.curvature.raw()
     kf = k.finalize(k.update(k.init(spec), logs))
     e = lf.ekfac(kf)
     pairs = [  # (older form, the contract's)
@@ -150,8 +150,8 @@ def test_each_factor_form_has_its_layer_inverse(problem):
     kf = run(lf.kfac("exact", dtype=torch.float64), spec, logs)
     forms = {
         KroneckerEigenInverse: kf,
-        EigenInverse: run(lf.raw(dtype=torch.float64), spec, logs),
-        CholeskyInverse: run(lf.raw(dtype=torch.float64, eigh=False), spec, logs),
+        EigenInverse: run(lf.curvature.raw(dtype=torch.float64), spec, logs),
+        CholeskyInverse: run(lf.curvature.raw(dtype=torch.float64, eigh=False), spec, logs),
     }
     queries = lf.projected_grads(model, params, (x[:3], y[:3]), spec)
     for kind, factors in forms.items():

@@ -1,26 +1,26 @@
 """Curvature estimators as pure init/update/finalize transforms, and preconditioners.
 
 Math only: nothing here runs the model. The code that does — :func:`fisher_logs`,
-:func:`sample_targets` (:mod:`logix_func.fisher`) and :func:`exact_curvature`
-(:mod:`logix_func.exact`) — lives beside the gradient code; its names are still importable from
+:func:`sample_targets` (:mod:`logix_func._fisher`) and :func:`exact_curvature`
+(:mod:`logix_func._exact`) — lives beside the gradient code; its names are still importable from
 here, loaded on first use (PEP 562) so that importing this package never imports the engine.
 """
 
 from importlib import import_module
 from typing import Any
 
-from .ekfac import ekfac
-from .kfac import kfac
-from .precondition import IdentityPreconditioner, LayerInverse, Preconditioner, preconditioner
-from .raw import raw
-from .state import load_state, merge_states, save_state
+from ._ekfac import ekfac
+from ._kfac import kfac
+from ._precondition import IdentityPreconditioner, LayerInverse, Preconditioner, preconditioner
+from ._raw import raw
+from ._state import load_state, merge_states, save_state
 from .transform import CurvatureLogs, Transform
 
 _MOVED = {
-    "LabelSampler": "logix_func.fisher",
-    "exact_curvature": "logix_func.exact",
-    "fisher_logs": "logix_func.fisher",
-    "sample_targets": "logix_func.fisher",
+    "LabelSampler": "logix_func._fisher",
+    "exact_curvature": "logix_func._exact",
+    "fisher_logs": "logix_func._fisher",
+    "sample_targets": "logix_func._fisher",
 }
 
 __all__ = [

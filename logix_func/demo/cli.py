@@ -257,12 +257,12 @@ def run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from .. import cache as caches
+    from .. import _cache as caches
+    from .._influence import influence, top_k
+    from .._origin import spec_hex, weights_fingerprint
+    from .._projection import logra
     from ..curvature import load_state, preconditioner, save_state
-    from ..influence import influence, top_k
-    from ..origin import spec_hex, weights_fingerprint
     from ..pipeline import fit_curvature, log_dataset
-    from ..projection import logra
     from .digits import digits_split, mlp_model, negative_margin, train_mlp
 
     data = digits_split(torch.float32)
@@ -319,7 +319,7 @@ def run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 def _draw(data: Any, args: argparse.Namespace, run: str, helps: Any, hurts: Any) -> None:
     """The picture at ``--figure``, else under the run (local or any URL but memory://)."""
-    from ..kvstore import write_bytes
+    from ..store.kvstore import write_bytes
     from ..plots import influence_grid
 
     if args.figure is not None:
@@ -395,8 +395,8 @@ def _size(n: int) -> str:
 
 
 def run_score(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from .._influence import influence
     from ..curvature import load_state, preconditioner
-    from ..influence import influence
     from ..store import LogStore
 
     train, query = LogStore.open(args.train), LogStore.open(args.query)
@@ -428,7 +428,7 @@ def _shown(ids: Any) -> str:
 
 
 def run_top_k(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from ..influence import top_k
+    from .._influence import top_k
 
     best = top_k(args.scores, args.top, largest=not args.opponents)
     ids = best.ids.tolist() if hasattr(best.ids, "tolist") else best.ids

@@ -32,13 +32,14 @@ from torch.utils.data import DataLoader, Subset
 from transformers import Trainer
 
 from .._compat import collator_with_removed_columns, remove_unused_columns
+from .._influence import Mode, TopK
+from .._influence import influence as influence_scores
+from .._influence import self_influence as self_scores
+from .._origin import provenance, weights_fingerprint
+from .._projection import ProjectionSpec, logra
 from ..curvature import preconditioner as make_preconditioner
-from ..curvature.kfac import Fisher
+from ..curvature._kfac import Fisher
 from ..distributed import Group, gather_scores, gather_top_k, store_part
-from ..influence import Mode, TopK
-from ..influence import influence as influence_scores
-from ..influence import self_influence as self_scores
-from ..origin import provenance, weights_fingerprint
 from ..pipeline import (
     fit_curvature,
     log_dataset,
@@ -47,7 +48,6 @@ from ..pipeline import (
     query_grads,
     store_schema,
 )
-from ..projection import ProjectionSpec, logra
 from ..store import LogStore
 from ..typing import Rows
 

@@ -18,15 +18,15 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from .._batch import ModelBatch
+from .._capture import capture, flatten_capture
 from .._compat import tree_map
-from ..batch import ModelBatch
-from ..capturing import capture, flatten_capture
-from ..ids import content_ids
-from ..origin import weights_fingerprint
+from .._ids import content_ids
+from .._origin import weights_fingerprint
+from .._projected_grads import projected_grads
+from .._projection import ProjectionSpec
+from .._stats import RunningStat
 from ..pipeline import store_schema
-from ..projected import projected_grads
-from ..projection import ProjectionSpec
-from ..stats import RunningStat
 from ..store import LogStore
 
 STAGES = ("predict", "validate", "train")
@@ -49,7 +49,7 @@ class LogStoreCallback(pl.Callback):
             ``{weights}`` one store per set of weights (their fingerprint); such a store
             records its weights fingerprint. A URL with neither gathers rows of the weights of
             several steps and records none.
-        spec: the :class:`~logix_func.projection.ProjectionSpec` of ``model``'s layers.
+        spec: the :class:`~logix_func._projection.ProjectionSpec` of ``model``'s layers.
         stages: when to log: any of ``"predict"``, ``"validate"``, ``"train"``.
         every_n_train_steps: with ``"train"``, log every batch of every N-th optimizer step
             (all of them under gradient accumulation), on the weights after that step.
@@ -58,12 +58,12 @@ class LogStoreCallback(pl.Callback):
         batch_fn: ``batch_fn(batch)`` → an ``(inputs, targets)`` or ``labels`` dict batch
             (default: the batch as it is).
         ids: ``ids(batch)`` → data ids of Lightning's batch, before ``batch_fn`` (e.g. the
-            indices of an :class:`~logix_func.ids.IndexedDataset`); default: a content hash of
+            indices of an :class:`~logix_func._ids.IndexedDataset`); default: a content hash of
             the converted batch (:func:`batch_content_ids`). The store rejects ids it holds.
-        capture_options: if given, keyword arguments of :func:`~logix_func.capturing.capture`
+        capture_options: if given, keyword arguments of :func:`~logix_func._capture.capture`
             (``layers``, ``what``, ``reduce``, ``watch``; ``project`` defaults to ``spec``):
             its entries are stored beside the gradients as ``"layer.kind"``.
-        statistic: a :class:`~logix_func.stats.RunningStat` accumulated over every stored row
+        statistic: a :class:`~logix_func._stats.RunningStat` accumulated over every stored row
             (masked tokens excluded); read ``callback.state`` or ``callback.statistics()``.
         stat_device: where the statistic's state lives (``"cpu"`` by default).
         loss_fn: the per-sample loss, as in :func:`~logix_func.projected_grads`.

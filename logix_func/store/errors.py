@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import ids
+from .. import _ids as ids
 
 
 class StoreError(Exception):

@@ -291,7 +291,7 @@ class LogStore:
     def spec(self) -> Any:
         """The :class:`~logix_func.ProjectionSpec` the rows were computed with (``None`` if the
         schema records none; the raw dict if it is not a ProjectionSpec's)."""
-        from ..projection import ProjectionSpec
+        from .._projection import ProjectionSpec
 
         data = self.schema.spec
         if data is None:
@@ -305,7 +305,7 @@ class LogStore:
     def provenance(self) -> dict[str, str | None]:
         """``{"spec": tag, "weights": fingerprint, "loss": name}`` recorded by the schema
         (``None`` entries where it records none); influence checks it against the query."""
-        from ..origin import store_provenance
+        from .._origin import store_provenance
 
         return store_provenance(self)
 

@@ -1,7 +1,7 @@
 """Results saved under a location and found again by what produced them.
 
 An entry is a file ``<name>-<key>.pt`` under a cache location (a folder, URL or kvstore spec,
-see :mod:`logix_func.kvstore`): ``key`` hashes a *record*, the JSON dict of everything the
+see :mod:`logix_func.store.kvstore`): ``key`` hashes a *record*, the JSON dict of everything the
 result depends on (weights fingerprint, spec tag, loss, method, a fingerprint of the data...),
 and the file holds ``{"record": record, "value": value}``. A changed input changes the key,
 so it is computed anew and saved beside the old entries; nothing is ever replaced or deleted.
@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._origin import loss_name, spec_hex, weights_fingerprint
 from ._version import __version__
 from .curvature import load_state, save_state
-from .kvstore import Location, describe, join
-from .origin import loss_name, spec_hex, weights_fingerprint
+from .store.kvstore import Location, describe, join
 from .typing import Spec
 
 Record = dict[str, Any]

@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .batch import IGNORE_INDEX
+from ._batch import IGNORE_INDEX
 
 
 def completion_labels(

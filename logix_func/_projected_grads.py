@@ -27,11 +27,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from ._batch import LossFn, sample_loss
 from ._compat import tree_map
+from ._projection import ProjectionSpec
 from ._tap import Pass, call_mask, covered_layers, prepare, projectors, tied_uses, token_mask
-from .batch import LossFn, sample_loss
 from .layers import Call, backprop_tokens, input_tokens
-from .projection import ProjectionSpec
 from .typing import Logs, ProjectedGrads
 
 
@@ -51,8 +51,8 @@ def projected_grads(
         model: any ``nn.Module``; only called through ``functional_call``, never changed.
         params: ``{name: Tensor}``, values for some of ``model``'s parameters (the others are
             the model's own); they are held fixed.
-        batch: ``(inputs, targets)`` or a dict with ``labels`` (see :mod:`logix_func.batch`).
-        spec: a :class:`~logix_func.projection.ProjectionSpec` built for this model.
+        batch: ``(inputs, targets)`` or a dict with ``labels`` (see :mod:`logix_func._batch`).
+        spec: a :class:`~logix_func._projection.ProjectionSpec` built for this model.
         loss_fn: ``loss_fn(outputs, targets)`` → scalar loss of one sample (batch of one);
             ``None`` = summed cross-entropy (or the model's token loss for dict batches).
         return_activations: also return per-token projected inputs and output gradients.

@@ -22,23 +22,23 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .curvature import IdentityPreconditioner, preconditioner
-from .curvature.kfac import Fisher
-from .influence import (
+from ._influence import (
     Chunk,
     Precondition,
     Rows,
     TopK,
-    _check_compatible,
-    _check_finite,
-    _check_scores,
-    _flat,
-    _num_rows,
-    _self_kernel,
+    check_compatible,
+    check_finite,
+    check_scores,
     check_sources,
+    flat,
     iter_rows,
+    num_rows,
+    self_kernel,
     top_k,
 )
+from .curvature import IdentityPreconditioner, preconditioner
+from .curvature._kfac import Fisher
 from .pipeline import IdsFn, fit_curvature, log_dataset
 from .store import LogStore
 
@@ -59,7 +59,7 @@ def _describe(k: int, member: Member) -> str:
 def _ids(train: Rows | LogStore) -> np.ndarray:
     """Data ids of a member's rows as a numpy array (positions for in-memory rows)."""
     if isinstance(train, Mapping):
-        return np.arange(_num_rows(train))
+        return np.arange(num_rows(train))
     ids = train.ids()
     return ids.numpy() if isinstance(ids, Tensor) else np.array(ids, dtype=object)
 
@@ -118,9 +118,9 @@ def check_members(members: Sequence[Member], queries: Sequence[Rows] | None = No
     for k, member in enumerate(members):
         if queries is not None:
             try:
-                _check_compatible(queries[k], member.train)
-                count = _num_rows(queries[k])
-                _check_finite(Chunk(list(range(count)), dict(queries[k])), "query")
+                check_compatible(queries[k], member.train)
+                count = num_rows(queries[k])
+                check_finite(Chunk(list(range(count)), dict(queries[k])), "query")
             except ValueError as e:
                 raise ValueError(f"{_describe(k, member)}: {e}") from None
         _check_preconditioner(k, member)
@@ -190,12 +190,12 @@ def ensemble_influence_chunks(
     for query, member in zip(queries, members, strict=True):
         pre = member.preconditioner or IdentityPreconditioner()
         done = pre({n: v.float() for n, v in query.items()})
-        conditioned.append({n: _flat(done, n) for n in done})
+        conditioned.append({n: flat(done, n) for n in done})
     for chunks in _aligned_chunks(members, chunk_rows):
         total = None
         for weight, query, chunk in zip(w, conditioned, chunks, strict=True):
-            scores = {n: q @ _flat(chunk.rows, n).T for n, q in query.items()}
-            _check_scores(chunk, scores)
+            scores = {n: q @ flat(chunk.rows, n).T for n, q in query.items()}
+            check_scores(chunk, scores)
             part = weight * sum(scores.values())
             total = part if total is None else total + part
         yield chunks[0].ids, total
@@ -251,8 +251,8 @@ def ensemble_self_influence(
     for chunks in _aligned_chunks(members, chunk_rows):
         total = None
         for weight, member, chunk in zip(w, members, chunks, strict=True):
-            values = _self_kernel(chunk.rows, member.preconditioner or IdentityPreconditioner())
-            _check_scores(chunk, {"self": values})
+            values = self_kernel(chunk.rows, member.preconditioner or IdentityPreconditioner())
+            check_scores(chunk, {"self": values})
             total = weight * values if total is None else total + weight * values
         out.append(total)
     return torch.cat(out)

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .batch import IGNORE_INDEX, ModelBatch, is_causal_lm, logits_of
-from .curvature.kfac import FISHERS, Fisher
-from .grads import split_weights
-from .projected import projected_grads
+from ._batch import IGNORE_INDEX, ModelBatch, is_causal_lm, logits_of
+from ._grads import split_weights
+from ._projected_grads import projected_grads
+from .curvature._kfac import FISHERS, Fisher
 from .typing import Spec
 
 EXACT_MAX_OUTPUTS = 16

@@ -17,8 +17,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..typing import Logs, ProjectedGrads, Spec
-from .ekfac import _token_logs
-from .kfac import eigh64
+from ._ekfac import token_logs
+from ._kfac import eigh64
 from .transform import (
     CurvatureLogs,
     DenseFactors,
@@ -74,7 +74,7 @@ def raw(*, dtype: torch.dtype = torch.float32, eigh: bool = True) -> Transform:
                     f"layer {name!r}: gradients [..., {g.shape[-2]}, {g.shape[-1]}] do not match "
                     f"the state's {k} entries (another spec?)"
                 )
-            acts, backs = (None, None) if logs is None else _token_logs(name, logs[name], g)
+            acts, backs = (None, None) if logs is None else token_logs(name, logs[name], g)
             if backs is not None and backs.shape[2] == 1:
                 check_finite(acts, name, "activations")
                 check_finite(backs, name, "backprops")

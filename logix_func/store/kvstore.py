@@ -13,7 +13,7 @@ from typing import Any
 
 import tensorstore as ts
 
-from .store.layout import context, kvstore_spec, wait
+from .layout import context, kvstore_spec, wait
 
 Location = str | os.PathLike | Mapping[str, Any]
 

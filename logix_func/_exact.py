@@ -22,12 +22,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from ._batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
+from ._checks import check_modes, check_params, no_randomness_error
 from ._compat import tree_flatten, tree_unflatten
-from .batch import LossFn, ModelBatch, sample_loss, summed_sample_losses
-from .checks import check_modes, check_params, no_randomness_error
-from .curvature.kfac import eigh64
-from .grads import split_weights
-from .origin import stamped
+from ._grads import split_weights
+from ._origin import stamped
+from .curvature._kfac import eigh64
 from .typing import Spec
 
 Kind = Literal["ggn", "hessian"]

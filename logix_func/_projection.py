@@ -30,8 +30,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from ._selection import RowSize, human, is_pattern, row_size, select
 from .layers import KINDS, LayerSpec, projectable_layers, why_not_projectable
-from .selection import RowSize, human, is_pattern, row_size, select
 
 Distribution = Literal["gaussian", "rademacher"]
 Rank = int | tuple[int, int] | None

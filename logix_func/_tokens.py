@@ -22,8 +22,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ._origin import Provenance, check_provenance
 from .curvature import IdentityPreconditioner
-from .origin import Provenance, check_provenance
 
 Precondition = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 

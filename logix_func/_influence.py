@@ -18,9 +18,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._origin import Provenance, check_provenance, store_provenance
 from ._version import __version__
 from .curvature import IdentityPreconditioner
-from .origin import Provenance, check_provenance, store_provenance
 from .store.scores import create_scores, open_scores, scores_attrs, write_columns
 from .typing import Rows
 
@@ -41,7 +41,7 @@ def iter_rows(train: Any, chunk_rows: int | None) -> Iterator[Chunk]:
     a store holding an id twice is refused). ``chunk_rows``: see :func:`chunk_size`."""
     chunk_rows = chunk_size(train, chunk_rows)
     if isinstance(train, Mapping):
-        n = _num_rows(train)
+        n = num_rows(train)
         for start in range(0, n, chunk_rows):
             stop = min(start + chunk_rows, n)
             yield Chunk(torch.arange(start, stop), {k: v[start:stop] for k, v in train.items()})
@@ -59,7 +59,7 @@ def chunk_size(train: Any, chunk_rows: int | None) -> int:
     return 4096 if isinstance(train, Mapping) else train.schema.chunk_rows
 
 
-def _num_rows(rows: Any) -> int:
+def num_rows(rows: Any) -> int:
     if isinstance(rows, Mapping):
         sizes = {v.shape[0] for v in rows.values()}
         if len(sizes) != 1:
@@ -68,7 +68,7 @@ def _num_rows(rows: Any) -> int:
     return len(rows)
 
 
-def _check_compatible(query: Rows, train: Any) -> None:
+def check_compatible(query: Rows, train: Any) -> None:
     expected = (
         {k: tuple(v.shape[1:]) for k, v in train.items()}
         if isinstance(train, Mapping)
@@ -106,7 +106,7 @@ def check_sources(
     check_provenance(sides)
 
 
-def _check_finite(chunk: Chunk, what: str = "training") -> None:
+def check_finite(chunk: Chunk, what: str = "training") -> None:
     for name, v in chunk.rows.items():
         bad = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
         if bad.any():
@@ -115,22 +115,22 @@ def _check_finite(chunk: Chunk, what: str = "training") -> None:
             raise ValueError(f"non-finite {what} rows in layer {name!r} for data ids {ids[:10]}")
 
 
-def _check_scores(chunk: Chunk, scores: dict[str, Tensor]) -> None:
+def check_scores(chunk: Chunk, scores: dict[str, Tensor]) -> None:
     """A NaN or inf in a row makes its score column non-finite: look for bad ids only then."""
     if all(bool(torch.isfinite(v).all()) for v in scores.values()):
         return
-    _check_finite(chunk)
+    check_finite(chunk)
     raise ValueError("non-finite influence scores from finite rows: the values overflow float32")
 
 
-def _flat(rows: Rows, name: str) -> Tensor:
+def flat(rows: Rows, name: str) -> Tensor:
     v = rows[name]
     return v.reshape(v.shape[0], -1).float()
 
 
-def _self_kernel(rows: Rows, pre: Precondition) -> Tensor:
+def self_kernel(rows: Rows, pre: Precondition) -> Tensor:
     conditioned = pre({k: v.float() for k, v in rows.items()})
-    return sum((_flat(conditioned, k) * _flat(rows, k)).sum(1) for k in rows)
+    return sum((flat(conditioned, k) * flat(rows, k)).sum(1) for k in rows)
 
 
 def influence_chunks(
@@ -150,27 +150,27 @@ def influence_chunks(
     if per_layer and mode != "dot":
         raise ValueError("per_layer scores sum to the total only in mode 'dot'")
     check_sources(query_provenance, train, preconditioner)
-    _check_compatible(query, train)
-    total = _num_rows(train)
+    check_compatible(query, train)
+    total = num_rows(train)
     if total == 0:
         raise ValueError("the training rows are empty: nothing to score against")
     pre = preconditioner or IdentityPreconditioner()
-    _check_finite(Chunk(list(range(_num_rows(query))), dict(query)), "query")
+    check_finite(Chunk(list(range(num_rows(query))), dict(query)), "query")
     conditioned = pre(dict(query))
-    conditioned = {k: _flat(conditioned, k) for k in conditioned}
-    q_self = _self_kernel(query, pre) if mode in ("cosine", "l2") else None
+    conditioned = {k: flat(conditioned, k) for k in conditioned}
+    q_self = self_kernel(query, pre) if mode in ("cosine", "l2") else None
     show = total > 50_000 if progress is None else progress
     bar = tqdm(total=total, desc="influence", unit="row", disable=not show)
     for chunk in iter_rows(train, chunk_rows):
-        layer_scores = {k: conditioned[k] @ _flat(chunk.rows, k).T for k in conditioned}
-        _check_scores(chunk, layer_scores)
+        layer_scores = {k: conditioned[k] @ flat(chunk.rows, k).T for k in conditioned}
+        check_scores(chunk, layer_scores)
         bar.update(len(chunk.ids))
         if per_layer:
             yield chunk.ids, layer_scores
             continue
         scores = reduce(torch.add, layer_scores.values())
         if mode != "dot":
-            t_self = _self_kernel(chunk.rows, pre)
+            t_self = self_kernel(chunk.rows, pre)
             if mode == "cosine":
                 scores = scores / (q_self[:, None] * t_self[None, :]).clamp_min(1e-30).sqrt()
             elif mode == "l2":
@@ -239,7 +239,7 @@ def influence(
             "train_url": getattr(train, "url", None),
             "preconditioner": getattr(preconditioner, "provenance", None),
         }
-        rows = (_num_rows(query), _num_rows(train))
+        rows = (num_rows(query), num_rows(train))
         return _write_scores(out, stream, *rows, chunk_size(train, chunk_rows), origin)
     parts = list(stream)
     if per_layer:
@@ -318,7 +318,7 @@ def self_influence(
     damping) are the same; else they are computed and saved beside the others.
     """
     if cache is not None:
-        from .cache import cached, self_influence_record
+        from ._cache import cached, self_influence_record
 
         record = self_influence_record(train, preconditioner)
         scan = lambda: self_influence(  # noqa: E731
@@ -327,15 +327,15 @@ def self_influence(
         return cached(cache, "self-influence", record, scan)
     check_sources(None, train, preconditioner)
     pre = preconditioner or IdentityPreconditioner()
-    total = _num_rows(train)
+    total = num_rows(train)
     if total == 0:
         raise ValueError("the training rows are empty")
     show = total > 50_000 if progress is None else progress
     out = []
     with tqdm(total=total, desc="self-influence", unit="row", disable=not show) as bar:
         for chunk in iter_rows(train, chunk_rows):
-            values = _self_kernel(chunk.rows, pre)
-            _check_scores(chunk, {"self": values})
+            values = self_kernel(chunk.rows, pre)
+            check_scores(chunk, {"self": values})
             out.append(values)
             bar.update(len(chunk.ids))
     return torch.cat(out)
@@ -403,5 +403,5 @@ def top_k(
         raise ValueError(f"k={k} is larger than the number of training rows ({offset})")
     if all(isinstance(c, Tensor) for c in seen):
         return TopK(torch.cat(seen)[best_pos], best_values)
-    flat = [i for c in seen for i in c]
-    return TopK([[flat[p] for p in row] for row in best_pos.tolist()], best_values)
+    seen_ids = [i for c in seen for i in c]
+    return TopK([[seen_ids[p] for p in row] for row in best_pos.tolist()], best_values)

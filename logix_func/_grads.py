@@ -9,9 +9,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._compat import tree_map
-from .batch import Batch, LossFn, ModelBatch, sample_loss, unsqueeze_sample
-from .checks import (
+from ._batch import Batch, LossFn, ModelBatch, sample_loss, unsqueeze_sample
+from ._checks import (
     Randomness,
     check_buffers,
     check_modes,
@@ -19,6 +18,7 @@ from .checks import (
     check_params,
     vmap_error,
 )
+from ._compat import tree_map
 from .typing import Grads, Params
 
 Strategy = Literal["auto", "vmap", "loop"]
@@ -50,7 +50,7 @@ def per_sample_grads(
         model: any ``nn.Module``; it is called through ``functional_call`` and never changed.
         params: ``{name: Tensor}``, a subset of ``model.named_parameters()``; the others stay
             fixed at the model's values.
-        batch: ``(inputs, targets)`` or a dict with ``labels`` (see :mod:`logix_func.batch`);
+        batch: ``(inputs, targets)`` or a dict with ``labels`` (see :mod:`logix_func._batch`);
             every tensor has the batch on its first dimension.
         loss_fn: ``loss_fn(outputs, targets)`` → scalar loss of one sample (batch of one);
             ``None`` = summed cross-entropy (or the model's token loss for dict batches).

@@ -6,7 +6,7 @@ only called through ``functional_call``: a covered layer's ``F.linear`` / ``conv
 ``F.embedding`` call is recognised by its weight, its input and output are recorded, and a zero
 tensor ``e`` added to its output gives the output gradient ``δ = ∂(Σ_i loss_i)/∂e`` of every
 sample at once (samples do not interact in the batched pass). A forward that calls
-:func:`~logix_func.watching.watch` exposes any other tensor the same way.
+:func:`~logix_func._watch.watch` exposes any other tensor the same way.
 
 Everything is seen in the token view of :mod:`logix_func.layers`, the view in which a layer's
 gradient is ``Σ_t δ_t a_tᵀ``:
@@ -32,10 +32,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from ._batch import LossFn, sample_loss
+from ._projection import ProjectionSpec
 from ._tap import Pass, call_mask, covered_layers, prepare, projectors, token_mask
-from .batch import LossFn, sample_loss
 from .layers import Call, LayerSpec, backprop_tokens, input_tokens, projectable_layers
-from .projection import ProjectionSpec
 
 KINDS = ("inputs", "outputs", "output_grads")
 Reduce = Literal["sum", "mean"] | None
@@ -59,15 +59,15 @@ def capture(
     Args:
         model: any ``nn.Module``; only called through ``functional_call``, never changed.
         params: ``{name: Tensor}`` values for some of the model's parameters (held fixed).
-        batch: ``(inputs, targets)`` or a dict with ``labels`` (see :mod:`logix_func.batch`).
+        batch: ``(inputs, targets)`` or a dict with ``labels`` (see :mod:`logix_func._batch`).
         layers: module names (projectable ones: Linear, Conv1d/2d, Embedding, transformers'
             Conv1D, the in_proj of MultiheadAttention); ``None`` = the spec's layers, or every
             projectable module. ``[]`` for watched tensors only.
         what: any of ``"inputs"``, ``"outputs"``, ``"output_grads"`` (watched tensors have
             outputs and output_grads). Without ``"output_grads"`` there is no backward pass.
         reduce: ``"sum"`` or ``"mean"`` over tokens, or ``None`` to keep them (module docstring).
-        project: a :class:`~logix_func.projection.ProjectionSpec` covering ``layers``.
-        watch: names of :func:`~logix_func.watching.watch` calls to record, ``True`` for all.
+        project: a :class:`~logix_func._projection.ProjectionSpec` covering ``layers``.
+        watch: names of :func:`~logix_func._watch.watch` calls to record, ``True`` for all.
         loss_fn: as in :func:`~logix_func.projected_grads` (only used for ``output_grads``).
 
     Returns:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..origin import factors_provenance
+from .._origin import factors_provenance
 from ..typing import ProjectedGrads
 from .transform import CurvatureFactors, check_layers
 

@@ -81,7 +81,7 @@ def ekfac(kfac_factors: Factors[KroneckerFactors]) -> Transform:
                     f"layer {name!r}: gradients [..., {g.shape[-2]}, {g.shape[-1]}] do not match "
                     f"the KFAC factors {tuple(acc['squares'].shape)} (another spec?)"
                 )
-            acts, backs = (None, None) if logs is None else _token_logs(name, logs[name], g)
+            acts, backs = (None, None) if logs is None else token_logs(name, logs[name], g)
             if backs is not None and tokens_are_cheaper(*backs.shape[1:3], *g.shape[-2:]):
                 check_finite(acts, name, "activations")
                 check_finite(backs, name, "backprops")
@@ -108,7 +108,7 @@ def ekfac(kfac_factors: Factors[KroneckerFactors]) -> Transform:
     return Transform(init, update, finalize)
 
 
-def _token_logs(name: str, log: dict[str, Tensor], g: Tensor) -> tuple[Tensor, Tensor]:
+def token_logs(name: str, log: dict[str, Tensor], g: Tensor) -> tuple[Tensor, Tensor]:
     """Activations ``[B, T, k_in]`` and backprops ``[B, D, T, k_out]`` of one layer's logs."""
     acts, backs = log["activations"], log["backprops"]
     if backs.dim() == acts.dim():

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .projection import json_tag
+from ._projection import json_tag
 from .typing import Spec
 
 Provenance = dict[str, str | None]
@@ -92,7 +92,7 @@ def provenance(
     loss_fn: Any = None,
 ) -> Provenance:
     """What rows computed as ``projected_grads(model, params, batch, spec, loss_fn=loss_fn)``
-    come from: pass it as ``query_provenance=`` to :func:`~logix_func.influence`."""
+    come from: pass it as ``query_provenance=`` to :func:`~logix_func._influence`."""
     return {
         "spec": spec_hex(spec),
         "weights": weights_fingerprint(model, params),

@@ -1,6 +1,6 @@
 """``watch(name, tensor)``: mark an intermediate tensor of a forward pass for capture.
 
-The identity everywhere, except while :func:`~logix_func.capturing.capture` runs the model: then
+The identity everywhere, except while :func:`~logix_func._capture.capture` runs the model: then
 the tensor (and, if asked, the gradient of the loss with respect to it) is recorded under
 ``name``. It follows the ``__torch_function__`` protocol, so a forward that calls it needs no
 other change, costs nothing outside capture, and compiles (``fullgraph=True``) either way.

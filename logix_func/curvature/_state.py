@@ -12,7 +12,7 @@ from torch import Tensor
 from .transform import CurvatureFactors, State
 
 if TYPE_CHECKING:
-    from ..kvstore import Location
+    from ..store.kvstore import Location
 
 Saved = State[Any] | CurvatureFactors
 
@@ -54,8 +54,8 @@ def merge_states(*states: State[Any]) -> State[Any]:
 
 def save_state(state: Saved, url: Location) -> None:
     """Write a state (or finalized factors) to a local path, a tensorstore kvstore URL or a
-    kvstore spec dict (see :mod:`logix_func.kvstore`)."""
-    from ..kvstore import write_bytes
+    kvstore spec dict (see :mod:`logix_func.store.kvstore`)."""
+    from ..store.kvstore import write_bytes
 
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -64,6 +64,6 @@ def save_state(state: Saved, url: Location) -> None:
 
 def load_state(url: Location) -> Saved:
     """Read what :func:`save_state` wrote."""
-    from ..kvstore import read_bytes
+    from ..store.kvstore import read_bytes
 
     return torch.load(io.BytesIO(read_bytes(url)), weights_only=True)
