@@ -8,6 +8,7 @@ The blocks of a page run in order in one namespace, in a temporary working direc
 """
 
 import importlib.util
+import inspect
 import re
 import subprocess
 import sys
@@ -139,6 +140,10 @@ def test_every_public_name_has_an_api_entry(site):
     missing = []
     for public in logix_func.__all__:
         obj = getattr(logix_func, public)
+        if inspect.ismodule(obj):  # a sub-namespace: some of its members are documented
+            if not any(name.startswith(f"{obj.__name__}.") for name in names):
+                missing.append(f"{public} (no entry under {obj.__name__})")
+            continue
         path = f"{obj.__module__}.{obj.__qualname__}"
         if path not in names:
             missing.append(f"{public} ({path})")
