@@ -26,7 +26,7 @@ from ._fisher import LabelSampler, fisher_logs
 from ._ids import indexed_loader
 from ._origin import loss_name, stamped, weights_fingerprint
 from ._projected_grads import projected_grads
-from .curvature import ekfac, kfac, raw
+from .curvature import ekfac, joint_ggn, kfac, raw
 from .curvature._kfac import Fisher
 from .curvature.transform import CurvatureFactors, CurvatureLogs, Transform, alongside
 from .distributed import (
@@ -37,12 +37,12 @@ from .distributed import (
     rank_batches,
     rank_world,
 )
-from .store.kvstore import Location
 from .store import LogStore, NotAStoreError, StoreSchema, model_fingerprint
+from .store.kvstore import Location
 from .typing import Rows, Spec
 
 IdsFn = Callable[[Any, int], Tensor | list]
-Method = Literal["kfac", "ekfac", "raw", "ggn", "auto"]
+Method = Literal["kfac", "ekfac", "raw", "ggn", "joint_ggn", "auto"]
 
 
 def position_ids(batch: Any, offset: int) -> Tensor:
@@ -407,15 +407,19 @@ def curvature_stages(spec: Spec, method: Method, fisher: Fisher) -> list[Stage]:
             method, dense = "ggn", []
         else:
             method = "ekfac"
-    if method == "ggn" and fisher == "empirical":
+    if method in ("ggn", "joint_ggn") and fisher == "empirical":
         raise ValueError(
-            "method='ggn' needs the model's own label distribution: use fisher='auto' "
+            f"method={method!r} needs the model's own label distribution: use fisher='auto' "
             "(default), 'exact' or 'true'; for the empirical Fisher's covariance use method='raw'"
         )
     if method in ("raw", "ggn"):
         return [Stage(f"{method} covariance", lambda _: raw(eigh=method == "raw"))]
+    if method == "joint_ggn":
+        return [Stage("joint GGN", lambda _: joint_ggn())]
     if method not in ("kfac", "ekfac"):
-        raise ValueError(f"method must be 'kfac', 'ekfac', 'raw', 'ggn' or 'auto', got {method!r}")
+        raise ValueError(
+            f"method must be 'kfac', 'ekfac', 'raw', 'ggn', 'joint_ggn' or 'auto', got {method!r}"
+        )
     stages = [Stage("KFAC", lambda _: kfac(fisher))]
     if method == "ekfac":
 

@@ -23,8 +23,8 @@ from test_store_processes import check_store
 
 import logix_func as lf
 from logix_func.curvature import load_state, save_state
-from logix_func.store.kvstore import join, read_bytes
 from logix_func.store import LogStore, NotAStoreError, WriterConflictError
+from logix_func.store.kvstore import join, read_bytes
 
 BUCKET = "logix-func-tests"
 TESTS = Path(__file__).parent

@@ -10,8 +10,15 @@ from importlib import import_module
 from typing import Any
 
 from ._ekfac import ekfac
+from ._joint import joint_ggn
 from ._kfac import kfac
-from ._precondition import IdentityPreconditioner, LayerInverse, Preconditioner, preconditioner
+from ._precondition import (
+    IdentityPreconditioner,
+    JointInverse,
+    LayerInverse,
+    Preconditioner,
+    preconditioner,
+)
 from ._raw import raw
 from ._state import load_state, merge_states, save_state
 from .transform import CurvatureLogs, Transform
@@ -26,12 +33,14 @@ _MOVED = {
 __all__ = [
     "CurvatureLogs",
     "IdentityPreconditioner",
+    "JointInverse",
     "LayerInverse",
     "Preconditioner",
     "Transform",
     "ekfac",
     "exact_curvature",
     "fisher_logs",
+    "joint_ggn",
     "kfac",
     "load_state",
     "merge_states",

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .._origin import factors_provenance
 from ..typing import ProjectedGrads
+from ._joint import joint_matrix
 from .transform import CurvatureFactors, check_layers
 
 
@@ -105,6 +106,52 @@ class CholeskyInverse(LayerInverse):
         return torch.cholesky_solve(flat.T, factor).T.reshape(g.shape).to(g.dtype)
 
 
+class JointInverse:
+    """The joint GGN of several layers (block rows ``C[l, :]``, :func:`~logix_func.curvature.
+    joint_ggn`): ``g -> (C + diag(λ_l))⁻¹ g`` over the layers' concatenated flattened
+    gradients, through one Cholesky factor in float64. Layer ``l``'s damping ``λ_l`` shifts its
+    own diagonal block, so without cross-layer blocks this is the per-layer GGN; its mean
+    eigenvalue is ``trace(C_ll) / k_l``."""
+
+    def __init__(self, rows: Mapping[str, Tensor]):
+        self.names, self.sizes, self.matrix = joint_matrix(dict(rows))
+        starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.blocks = {
+            n: slice(s, s + k) for n, s, k in zip(self.names, starts, self.sizes, strict=True)
+        }
+
+    def mean_eigenvalue(self, name: str) -> float:
+        """``trace(C_ll) / k_l`` of one member layer."""
+        block = self.blocks[name]
+        return self.matrix.diagonal()[block].mean().item()
+
+    def factorize(self, damping: Mapping[str, float]) -> None:
+        """Lower Cholesky factor of ``C + diag(λ_l)``; a clear error where it is not PD."""
+        shifted = self.matrix.to(torch.float64, copy=True)
+        for name, block in self.blocks.items():
+            shifted.diagonal()[block] += damping[name]
+        factor, info = torch.linalg.cholesky_ex(shifted)
+        if info.item() != 0:
+            raise ValueError(
+                f"layers {self.names}: the joint C + λI is not positive definite with damping "
+                f"{ {n: float(f'{damping[n]:.3g}') for n in self.names} } (C has zero or "
+                "negative eigenvalues): pass a larger damping"
+            )
+        self.cholesky = factor
+
+    def __call__(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``(C + diag(λ_l))⁻¹`` applied to the member layers' ``[*batch, k_out, k_in]``."""
+        first = grads[self.names[0]]
+        batch = first.shape[:-2]
+        flat = [grads[n].reshape(*batch, -1).to(torch.float64) for n in self.names]
+        joint = torch.cat(flat, dim=-1).reshape(-1, self.matrix.shape[0])
+        solved = torch.cholesky_solve(joint.T, self.cholesky).T.reshape(*batch, -1)
+        return {
+            n: solved[..., self.blocks[n]].reshape(grads[n].shape).to(grads[n].dtype)
+            for n in self.names
+        }
+
+
 def layer_inverse(name: str, factors: Mapping[str, Tensor]) -> LayerInverse:
     """The :class:`LayerInverse` of one layer's factors, by their form."""
     if {"QS", "QA", "eigenvalues"} <= factors.keys():
@@ -115,7 +162,8 @@ def layer_inverse(name: str, factors: Mapping[str, Tensor]) -> LayerInverse:
         return CholeskyInverse(name, factors)
     raise ValueError(
         f"layer {name!r}: factors with entries {sorted(factors)} are none of KFAC/EKFAC's "
-        "(QS, QA, eigenvalues), an eigenbasis (Q, eigenvalues) or a dense C: pass the "
+        "(QS, QA, eigenvalues), an eigenbasis (Q, eigenvalues), a dense C or joint GGN "
+        "rows: pass the "
         "finalized factors of a curvature transform"
     )
 
@@ -125,7 +173,9 @@ class Preconditioner:
     ``[k_out, k_in]``), raw factors (``Q``, ``eigenvalues`` ``[k]``) or a bare ``C`` ``[k, k]``
     (``raw(eigh=False)``, ``fit_curvature(method="ggn")``), solved through the Cholesky factor
     of ``C + λI``; its mean eigenvalue is ``trace(C) / k``. Each layer's form picks its
-    :class:`LayerInverse` (:func:`layer_inverse`), so factors of several forms mix.
+    :class:`LayerInverse` (:func:`layer_inverse`), so factors of several forms mix. Layers
+    with joint GGN rows (``fit_curvature(method="joint_ggn")``) are solved together by one
+    :class:`JointInverse`.
 
     ``damping``: ``None`` = 0.1 × the mean eigenvalue of *each* layer; a float is absolute
     for every layer; a ``{layer: float}`` dict sets each layer. The factors are never changed, so
@@ -140,16 +190,22 @@ class Preconditioner:
         self.spec = factors["spec"]
         self.layers = factors["layers"]
         self.provenance = factors_provenance(factors)
-        self.inverses = {n: layer_inverse(n, f) for n, f in self.layers.items()}
+        rows = {n: f["rows"] for n, f in self.layers.items() if "rows" in f}
+        self.joint = JointInverse(rows) if rows else None
+        self.inverses = {n: layer_inverse(n, f) for n, f in self.layers.items() if n not in rows}
         if isinstance(damping, Mapping):
             check_layers(self.layers, damping, "damping layers")
             self.damping = {n: float(damping[n]) for n in self.layers}
         elif damping is None:
             self.damping = {n: 0.1 * inv.mean_eigenvalue for n, inv in self.inverses.items()}
+            self.damping |= {n: 0.1 * self.joint.mean_eigenvalue(n) for n in rows}
+            self.damping = {n: self.damping[n] for n in self.layers}
         else:
             self.damping = {n: float(damping) for n in self.layers}
         for name, inverse in self.inverses.items():
             inverse.factorize(self.damping[name])
+        if self.joint is not None:
+            self.joint.factorize(self.damping)
         for name, value in self.damping.items():
             if not math.isfinite(value) or value < 0:
                 raise ValueError(
@@ -161,7 +217,11 @@ class Preconditioner:
 
     def __call__(self, grads: ProjectedGrads) -> ProjectedGrads:
         check_layers(self.layers, grads, "gradient layers")
-        return {name: self.inverses[name](g, self.damping[name]) for name, g in grads.items()}
+        joint = {} if self.joint is None else self.joint(grads)
+        return {
+            name: joint[name] if name in joint else self.inverses[name](g, self.damping[name])
+            for name, g in grads.items()
+        }
 
 
 def preconditioner(

@@ -163,6 +163,20 @@ class DenseFactors(TypedDict):
     C: Float[Tensor, "k k"]
 
 
+class JointRowState(TypedDict):
+    """The joint GGN's: this layer's block row ``Σ g_l gᵀ`` ``[k_l, K]`` and the sample count."""
+
+    rows: Float[Tensor, "k K"]
+    samples: Float[Tensor, ""]
+
+
+class JointRowFactors(TypedDict):
+    """The joint GGN: this layer's block row ``C[l, :]`` ``[k_l, K]`` of the all-layer ``C``,
+    columns in sorted layer order."""
+
+    rows: Float[Tensor, "k K"]
+
+
 class AlongsideState(TypedDict):
     """:func:`alongside`'s: the main transform's state and the extra one's layers."""
 
@@ -171,7 +185,7 @@ class AlongsideState(TypedDict):
     extra: dict[str, Any]
 
 
-LayerFactors = KroneckerFactors | EigenFactors | DenseFactors
+LayerFactors = KroneckerFactors | EigenFactors | DenseFactors | JointRowFactors
 KfacState = State[KfacLayerState]
 EkfacState = State[EkfacLayerState]
 RawState = State[RawLayerState]

@@ -319,8 +319,8 @@ def run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 def _draw(data: Any, args: argparse.Namespace, run: str, helps: Any, hurts: Any) -> None:
     """The picture at ``--figure``, else under the run (local or any URL but memory://)."""
-    from ..store.kvstore import write_bytes
     from ..plots import influence_grid
+    from ..store.kvstore import write_bytes
 
     if args.figure is not None:
         influence_grid(data, args.queries, helps, hurts, args.figure)

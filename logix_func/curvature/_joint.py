@@ -1,0 +1,110 @@
+"""The joint GGN: the Gauss-Newton matrix of all covered layers together, cross-layer blocks
+included, in the projected space.
+
+With ``g_n = [vec(G_n,1); …; vec(G_n,L)]`` the concatenation of one sample's projected
+gradients over the layers (sorted by name, ``K = Σ_l k_l`` entries), ``C = E_samples[Σ_d g_nd
+g_ndᵀ]`` over the exact-Fisher label draws (see :func:`logix_func.fisher_logs`) is the GGN of
+the mean loss restricted to the projected directions; a per-layer GGN keeps only its diagonal
+blocks. Each layer's state and factors hold its *block row* ``C[l, :]`` ``[k_l, K]``: the rows
+sum over batches and ranks like any other state, and the layer names and sizes are the keys
+and row counts (no other bookkeeping). ``C`` is ``K²`` floats: for LoGra ranks, where ``K`` is
+thousands to tens of thousands.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .transform import (
+    CurvatureLogs,
+    Device,
+    Factors,
+    JointRowFactors,
+    JointRowState,
+    State,
+    Transform,
+    check_counted,
+    check_finite,
+    check_layers,
+    curvature_logs,
+)
+
+
+def joint_ggn(*, dtype: torch.dtype = torch.float32) -> Transform:
+    """The GGN of all layers jointly (cross-layer blocks included), as block rows per layer.
+
+    * ``init(spec, device=None) -> state``: per layer ``{"rows": [k_l, K], "samples": []}``
+    * ``update(state, logs) -> state`` with a :class:`CurvatureLogs` whose ``grads`` are
+      ``{layer: [B, (D,) k_out, k_in]}`` (the exact-Fisher draws of :func:`fisher_logs` make
+      ``C`` the GGN; one sampled draw its Monte-Carlo estimate)
+    * ``finalize(state) -> factors``: per layer ``{"rows": C[l, :]}`` ``[k_l, K]``, columns in
+      sorted layer order; :func:`~logix_func.preconditioner` solves all layers at once
+      through the Cholesky factor of ``C + diag(λ_l)``.
+    """
+
+    def init(spec, device: Device = None) -> State[JointRowState]:
+        dims = spec.dims()
+        total = sum(o * i for o, i in dims.values())
+        layers = {
+            name: {
+                "rows": torch.zeros(o * i, total, dtype=dtype, device=device),
+                "samples": torch.zeros((), dtype=dtype, device=device),
+            }
+            for name, (o, i) in sorted(dims.items())
+        }
+        return {"spec": spec.tag(), "layers": layers}
+
+    def update(state: State[JointRowState], logs: CurvatureLogs) -> State[JointRowState]:
+        grads = curvature_logs(logs, None).grads
+        check_layers(state["layers"], grads, "gradient layers")
+        names = sorted(state["layers"])
+        flat = []
+        for name in names:
+            g, rows = grads[name], state["layers"][name]["rows"]
+            if g.shape[-2] * g.shape[-1] != rows.shape[0]:
+                raise ValueError(
+                    f"layer {name!r}: gradients [..., {g.shape[-2]}, {g.shape[-1]}] do not match "
+                    f"the state's {rows.shape[0]} entries (another spec?)"
+                )
+            check_finite(g, name, "gradients")
+            flat.append(g.reshape(-1, rows.shape[0]).to(dtype))
+        joint = torch.cat(flat, dim=1)  # [B·D, K]
+        term = joint.T @ joint
+        layers, start = {}, 0
+        for name, block in zip(names, flat, strict=True):
+            acc, stop = state["layers"][name], start + block.shape[1]
+            layers[name] = {
+                "rows": acc["rows"] + term[start:stop],
+                "samples": acc["samples"] + grads[name].shape[0],
+            }
+            start = stop
+        return {"spec": state["spec"], "layers": layers}
+
+    def finalize(state: State[JointRowState]) -> Factors[JointRowFactors]:
+        layers = {}
+        for name, acc in state["layers"].items():
+            check_counted(acc["samples"], name)
+            layers[name] = {"rows": acc["rows"] / acc["samples"]}
+        return {"spec": state["spec"], "layers": layers}
+
+    return Transform(init, update, finalize)
+
+
+def joint_matrix(
+    rows: dict[str, Float[Tensor, "k K"]],
+) -> tuple[list[str], list[int], Float[Tensor, "K K"]]:
+    """The layers in column order, their sizes and the symmetrised ``C`` from block rows."""
+    names = sorted(rows)
+    sizes = [rows[n].shape[0] for n in names]
+    total = sum(sizes)
+    for name in names:
+        if rows[name].shape[1] != total:
+            raise ValueError(
+                f"layer {name!r}: joint GGN rows [{rows[name].shape[0]}, {rows[name].shape[1]}] "
+                f"do not span the {total} entries of the layers {names}: pass every layer's "
+                "factors of one joint fit"
+            )
+    c = torch.cat([rows[n] for n in names], dim=0)
+    return names, sizes, (c + c.T) / 2
