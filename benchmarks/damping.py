@@ -23,11 +23,10 @@ from benchmarks.lds_data import load_ground_truth
 from logix_func.pipeline import fit_curvature
 
 
-def mean_eigenvalue(layer: dict[str, torch.Tensor]) -> float:
-    """``trace / k`` of one layer's curvature: KFAC/EKFAC/raw eigenvalues or a dense ``C``."""
-    if "eigenvalues" in layer:
-        return layer["eigenvalues"].double().mean().item()
-    return layer["C"].double().diagonal().mean().item()
+def mean_eigenvalues(factors) -> dict[str, float]:
+    """Each layer's mean eigenvalue, as the default damping (0.1 × it) measures it for every
+    factor form (KFAC/EKFAC/raw eigenvalues, a dense ``C``, a joint GGN's diagonal block)."""
+    return {n: d / 0.1 for n, d in lf.preconditioner(factors).damping.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             factors = fit_curvature(
                 model, params, loader, spec, method=method, fisher="exact", progress=False
             )
-            means = {n: mean_eigenvalue(f) for n, f in factors["layers"].items()}
+            means = mean_eigenvalues(factors)
             scales = ", ".join(f"{n}: {m:.2g}" for n, m in means.items())
             dampings = [{n: f * m for n, m in means.items()} for f in args.fractions]
             dampings.append(args.weight_decay)

@@ -72,12 +72,12 @@ def test_joint_ggn_is_the_dense_ggn_of_all_layers(rank):
     got_solved = torch.cat([solved[n].reshape(3, -1) for n in names], 1).double()
     # float32 factors: compare as a whole (a relative error of the solve, not entry by entry)
     assert (got_solved - want_solved).norm() <= 1e-4 * want_solved.norm()
-    # the default damping is 0.1 × the mean of each layer's own diagonal block
+    # the default damping is 1 × the mean of each layer's own diagonal block (JOINT_DAMPING)
     start = 0
     for n in names:
         k = factors["layers"][n]["rows"].shape[0]
         block = want[start : start + k, start : start + k]
-        assert pre.damping[n] == pytest.approx(0.1 * block.diagonal().mean().item(), rel=1e-5)
+        assert pre.damping[n] == pytest.approx(1.0 * block.diagonal().mean().item(), rel=1e-5)
         start += k
 
 

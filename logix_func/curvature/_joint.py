@@ -14,7 +14,6 @@ thousands to tens of thousands.
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from .transform import (
@@ -92,10 +91,12 @@ def joint_ggn(*, dtype: torch.dtype = torch.float32) -> Transform:
     return Transform(init, update, finalize)
 
 
-def joint_matrix(
-    rows: dict[str, Float[Tensor, "k K"]],
-) -> tuple[list[str], list[int], Float[Tensor, "K K"]]:
-    """The layers in column order, their sizes and the symmetrised ``C`` from block rows."""
+# the default damping of a joint GGN's layers, × each layer's mean eigenvalue (see Preconditioner)
+JOINT_DAMPING = 1.0
+
+
+def joint_layout(rows: dict[str, Tensor]) -> tuple[list[str], list[int]]:
+    """The layers in column order (sorted) and their sizes; the rows must span them all."""
     names = sorted(rows)
     sizes = [rows[n].shape[0] for n in names]
     total = sum(sizes)
@@ -106,5 +107,4 @@ def joint_matrix(
                 f"do not span the {total} entries of the layers {names}: pass every layer's "
                 "factors of one joint fit"
             )
-    c = torch.cat([rows[n] for n in names], dim=0)
-    return names, sizes, (c + c.T) / 2
+    return names, sizes
