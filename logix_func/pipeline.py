@@ -314,7 +314,10 @@ def fit_curvature(
     up to ≈ 64) that :func:`~logix_func.preconditioner` solves through a Cholesky factor.
     For ``"ggn"``, ``fisher="auto"`` is the exact expectation where that is cheap (as for the
     other methods) and elsewhere, as ``"true"``, its one-draw Monte-Carlo estimate (language
-    models); the empirical Fisher is not a GGN and is refused. ``"auto"``: the
+    models); the empirical Fisher is not a GGN and is refused. ``"joint_ggn"``: the same
+    Gauss-Newton matrix of *all* layers together, cross-layer blocks included
+    (:func:`~logix_func.curvature.joint_ggn`: ``K²`` floats for ``K = Σ_l k_l``, one pass),
+    solved jointly by the preconditioner. ``"auto"``: the
     GGN for every layer with ``k ≤ AUTO_GGN_MAX`` (4096: ``C`` ≤ 64 MiB) and EKFAC for the
     others, whose second pass also accumulates the GGN layers (same labels); all layers
     small: ``"ggn"``, none (or ``fisher="empirical"``): ``"ekfac"``.

@@ -27,8 +27,7 @@ from .transform import (
     Transform,
     check_counted,
     check_finite,
-    check_layers,
-    curvature_logs,
+    checked_logs,
 )
 
 
@@ -68,10 +67,7 @@ def ekfac(kfac_factors: Factors[KroneckerFactors]) -> Transform:
     def update(
         state: EkfacState, logs: CurvatureLogs | ProjectedGrads, more: Logs | None = None
     ) -> EkfacState:
-        grads, logs = curvature_logs(logs, more)
-        check_layers(state["layers"], grads, "gradient layers")
-        if logs is not None:
-            check_layers(state["layers"], logs, "logged layers")
+        grads, logs = checked_logs(state, logs, more)
         layers = {}
         for name, acc in state["layers"].items():
             qs, qa = bases[name]

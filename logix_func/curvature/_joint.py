@@ -26,8 +26,7 @@ from .transform import (
     Transform,
     check_counted,
     check_finite,
-    check_layers,
-    curvature_logs,
+    checked_logs,
 )
 
 
@@ -56,8 +55,7 @@ def joint_ggn(*, dtype: torch.dtype = torch.float32) -> Transform:
         return {"spec": spec.tag(), "layers": layers}
 
     def update(state: State[JointRowState], logs: CurvatureLogs) -> State[JointRowState]:
-        grads = curvature_logs(logs, None).grads
-        check_layers(state["layers"], grads, "gradient layers")
+        grads = checked_logs(state, logs, None).grads
         names = sorted(state["layers"])
         flat = []
         for name in names:

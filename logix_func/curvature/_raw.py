@@ -29,8 +29,7 @@ from .transform import (
     Transform,
     check_counted,
     check_finite,
-    check_layers,
-    curvature_logs,
+    checked_logs,
 )
 
 
@@ -61,10 +60,7 @@ def raw(*, dtype: torch.dtype = torch.float32, eigh: bool = True) -> Transform:
     def update(
         state: RawState, logs: CurvatureLogs | ProjectedGrads, more: Logs | None = None
     ) -> RawState:
-        grads, logs = curvature_logs(logs, more)
-        check_layers(state["layers"], grads, "gradient layers")
-        if logs is not None:
-            check_layers(state["layers"], logs, "logged layers")
+        grads, logs = checked_logs(state, logs, more)
         layers = {}
         for name, acc in state["layers"].items():
             g = grads[name]

@@ -207,6 +207,18 @@ def curvature_logs(
     return CurvatureLogs(logs, more)
 
 
+def checked_logs(
+    state: Mapping[str, Any], logs: CurvatureLogs | tuple | ProjectedGrads, more: Logs | None
+) -> CurvatureLogs:
+    """:func:`curvature_logs`, with the gradients (and the logs, where given) checked to
+    cover exactly the state's layers."""
+    grads, logs = curvature_logs(logs, more)
+    check_layers(state["layers"], grads, "gradient layers")
+    if logs is not None:
+        check_layers(state["layers"], logs, "logged layers")
+    return CurvatureLogs(grads, logs)
+
+
 def kfac_logs(logs: CurvatureLogs | tuple | Logs) -> Logs:
     """KFAC reads ``CurvatureLogs.logs``; the older ``update(state, logs)`` passed them bare."""
     if isinstance(logs, tuple):

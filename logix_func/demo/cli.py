@@ -94,10 +94,11 @@ def _parser() -> _Parser:
     )
     demo.add_argument(
         "--preconditioner",
-        choices=["ekfac", "kfac", "raw", "ggn", "auto", "identity"],
+        choices=["ekfac", "kfac", "raw", "ggn", "joint_ggn", "auto", "identity"],
         default="ekfac",
         help="curvature applied to the query gradients (ggn: the exact per-layer GGN in the "
-        "projected space; auto: the GGN where a layer's block is small, EKFAC elsewhere)",
+        "projected space; joint_ggn: the GGN of all layers together; auto: the GGN where a "
+        "layer's block is small, EKFAC elsewhere)",
     )
     demo.add_argument(
         "--fisher",

@@ -51,7 +51,7 @@ from ..pipeline import (
 from ..store import LogStore
 from ..typing import Rows
 
-Method = Literal["kfac", "ekfac", "raw", "ggn", "auto", "none"]
+Method = Literal["kfac", "ekfac", "raw", "ggn", "joint_ggn", "auto", "none"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class AttributionArguments:
         exclude: names or patterns of layers to leave out (e.g. ``["*embed*"]``).
         method: curvature: ``"ekfac"``, ``"kfac"``, ``"raw"`` (full covariance of each layer's
             projected gradient), ``"ggn"`` (the exact per-layer GGN in the projected space),
+            ``"joint_ggn"`` (the GGN of all layers together, cross-layer blocks included),
             ``"auto"`` (the GGN where a layer's block is small, EKFAC elsewhere) or ``"none"``
             (plain gradient dot products); see :func:`~logix_func.fit_curvature`.
         fisher: ``"auto"`` (exact where cheap, else sampled), ``"true"`` (sampled labels),
@@ -109,9 +110,9 @@ class AttributionArguments:
     cache: str | dict | Literal[False] | None = None
 
     def __post_init__(self):
-        if self.method not in ("kfac", "ekfac", "raw", "ggn", "auto", "none"):
+        if self.method not in ("kfac", "ekfac", "raw", "ggn", "joint_ggn", "auto", "none"):
             raise ValueError(
-                "method must be 'kfac', 'ekfac', 'raw', 'ggn', 'auto' or 'none', "
+                "method must be 'kfac', 'ekfac', 'raw', 'ggn', 'joint_ggn', 'auto' or 'none', "
                 f"got {self.method!r}"
             )
         if self.ids != "index" and not callable(self.ids):
