@@ -31,23 +31,28 @@ _MOVED = {
 }
 
 __all__ = [
-    "CurvatureLogs",
-    "IdentityPreconditioner",
-    "JointInverse",
-    "LayerInverse",
-    "Preconditioner",
-    "Transform",
-    "ekfac",
-    "exact_curvature",
-    "fisher_logs",
-    "joint_ggn",
+    # estimators: one Transform(init, update, finalize) each
     "kfac",
-    "load_state",
-    "merge_states",
-    "preconditioner",
+    "ekfac",
     "raw",
-    "sample_targets",
+    "joint_ggn",
+    # the contract
+    "Transform",
+    "CurvatureLogs",
+    # preconditioners
+    "preconditioner",
+    "Preconditioner",
+    "IdentityPreconditioner",
+    "LayerInverse",
+    "JointInverse",
+    # states
+    "merge_states",
     "save_state",
+    "load_state",
+    # run the model (live beside the gradient code, loaded on first use)
+    "fisher_logs",
+    "sample_targets",
+    "exact_curvature",
 ]
 
 
