@@ -2,6 +2,8 @@
 only, and the engine's reducers share it through ``_tap`` rather than through each other."""
 
 import ast
+import importlib
+import inspect
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,8 @@ import logix_func as lf
 
 ROOT = Path(logix_func.__file__).parent
 # the modules that run the model: the engine, its reducers and the code built on them
-ENGINE = {"_tap", "projected", "capturing", "grads", "batch", "watching", "completions"}
-ENGINE = {f"logix_func.{m}" for m in ENGINE | {"fisher", "exact"}}
+ENGINE = {"_tap", "_projected_grads", "_capture", "_grads", "_batch", "_watch", "_completions"}
+ENGINE = {f"logix_func.{m}" for m in ENGINE | {"_fisher", "_exact"}}
 REDUCERS = ("logix_func._projected_grads", "logix_func._capture")
 
 
@@ -53,6 +55,18 @@ def reached(module: str) -> set[str]:
                 seen.add(target)
                 todo.append(target)
     return seen
+
+
+def test_the_named_modules_exist():
+    assert ENGINE | set(REDUCERS) <= set(MODULES)
+
+
+def test_no_module_is_shadowed_by_a_function_of_its_name():
+    for module in MODULES:
+        package, _, leaf = module.rpartition(".")
+        if package and leaf and not leaf.startswith("_"):
+            attribute = getattr(importlib.import_module(package), leaf, None)
+            assert attribute is None or inspect.ismodule(attribute), f"{module} is shadowed"
 
 
 def test_the_import_reader_resolves_relative_imports():
