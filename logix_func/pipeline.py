@@ -1,7 +1,8 @@
 """The attribution pipeline over a data loader, built only from the public pieces.
 
 ``log_dataset`` appends projected gradients of every example to a store (resuming where a
-previous run stopped); ``fit_curvature`` runs the KFAC (and EKFAC) passes and returns factors;
+previous run stopped); ``fit_curvature`` runs the curvature passes (by default the per-layer
+GGN where it fits and the Fisher is exact, KFAC and EKFAC elsewhere) and returns factors;
 ``query_grads`` gives the query rows, of a measurement that may differ from the training loss.
 Both take a ``torch.distributed`` process group: each rank then handles the batches
 :func:`~logix_func.distributed.rank_batches` gives it, and the results equal a single process's.
@@ -365,6 +366,12 @@ def fit_curvature(
     device = next(iter(params.values())).device
     resolved = fisher
     if method == "auto":  # the GGN only under the exact expectation: resolve it up front
+        if iter(loader) is loader:
+            raise TypeError(
+                "fit_curvature(method='auto') reads the first batch before its passes (to "
+                "resolve the Fisher): pass a DataLoader or a list of batches, not a one-shot "
+                f"{type(loader).__name__}"
+            )
         first = next(iter(loader), None)
         if first is not None:
             options = dict(loss_fn=loss_fn, label_sampler=label_sampler)

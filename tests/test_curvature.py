@@ -332,6 +332,10 @@ def test_auto_method_is_ekfac_unless_the_fisher_is_exact():
         same(small, torch.randint(0, 3, (20,)), fisher=fisher)
     many = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 20))  # 20 classes: sampled
     same(many, torch.randint(0, 20, (20,)))
+    once = iter([(torch.randn(8, 4), torch.randint(0, 3, (8,)))])
+    spec = lf.logra(small, rank=None)
+    with pytest.raises(TypeError, match="not a one-shot list_iterator"):
+        pipeline.fit_curvature(small, dict(small.named_parameters()), once, spec, progress=False)
 
 
 def test_auto_ggn_layers_fill_the_budget_smallest_first(monkeypatch):
