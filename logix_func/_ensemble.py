@@ -264,7 +264,7 @@ def fit_members(
     specs: Any,
     root: str,
     *,
-    method: str = "ekfac",
+    method: str = "auto",
     fisher: Fisher = "auto",
     damping: float | None = None,
     loss_fn: Any = None,

@@ -156,18 +156,7 @@ def fisher_logs(
     the expectation is exact — ``fisher="exact"``, or ``"auto"`` with few outputs —
     where D = number of classes).
     """
-    if fisher not in FISHERS:
-        raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-    if label_sampler is not None:
-        if fisher not in ("true", "auto"):
-            raise ValueError(
-                f"label_sampler draws labels for fisher='true' (or 'auto') only, got {fisher!r}"
-            )
-        fisher = "true"  # the user's draw: the exact expectation needs the default loss
-    logits = None
-    if fisher == "auto":
-        logits = _cheap_exact_logits(model, params, batch, loss_fn)
-        fisher = "true" if logits is None else "exact"
+    fisher, logits = _resolved(model, params, batch, fisher, loss_fn, label_sampler)
     if fisher == "exact":
         return _exact_logs(model, params, batch, spec, loss_fn, logits)
     if fisher == "empirical":
@@ -191,15 +180,46 @@ def fisher_logs(
     return grads, logs
 
 
-def _cheap_exact_logits(
-    model: nn.Module, params: Mapping[str, Tensor], batch: Any, loss_fn: Any
-) -> Tensor | None:
-    """The batch's logits where ``fisher="auto"`` takes the exact expectation — an ``(inputs,
-    targets)`` batch, the default loss, at most `EXACT_MAX_OUTPUTS` outputs — else None."""
+def resolved_fisher(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    fisher: Fisher = "auto",
+    *,
+    loss_fn: Any = None,
+    label_sampler: LabelSampler | None = None,
+) -> Fisher:
+    """The Fisher :func:`fisher_logs` computes on ``batch``: ``"auto"`` resolved to ``"exact"``
+    (an ``(inputs, targets)`` batch, the default loss, at most `EXACT_MAX_OUTPUTS` outputs, no
+    ``label_sampler``) or ``"true"``; a ``label_sampler`` makes it ``"true"``; the others as
+    given."""
+    return _resolved(model, params, batch, fisher, loss_fn, label_sampler)[0]
+
+
+def _resolved(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    fisher: Fisher,
+    loss_fn: Any,
+    label_sampler: LabelSampler | None,
+) -> tuple[Fisher, Tensor | None]:
+    """:func:`resolved_fisher` and, where ``"auto"`` resolved to ``"exact"``, the batch's
+    logits (computed to count the outputs; the exact pass reuses them)."""
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+    if label_sampler is not None:
+        if fisher not in ("true", "auto"):
+            raise ValueError(
+                f"label_sampler draws labels for fisher='true' (or 'auto') only, got {fisher!r}"
+            )
+        return "true", None  # the user's draw: the exact expectation needs the default loss
+    if fisher != "auto":
+        return fisher, None
     if loss_fn is not None or isinstance(batch, Mapping):
-        return None
+        return "true", None
     logits = _logits(model, params, ModelBatch.from_batch(batch))
-    return logits if logits.shape[-1] <= EXACT_MAX_OUTPUTS else None
+    return ("exact", logits) if logits.shape[-1] <= EXACT_MAX_OUTPUTS else ("true", None)
 
 
 def _exact_logs(

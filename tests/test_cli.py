@@ -81,7 +81,8 @@ def test_a_memory_run_draws_no_picture_in_the_current_directory(tmp_path, monkey
 
 def test_inspect_score_and_top_k_of_a_stored_run(tmp_path, capsys):
     run = tmp_path / "run"
-    main(["--run", str(run), "--rank", "4", "--queries", "0", "1", "--top", "3", "--no-progress"])
+    args = ["--run", str(run), "--rank", "4", "--queries", "0", "1", "--top", "3"]
+    main([*args, "--preconditioner", "ekfac", "--no-progress"])
     printed = capsys.readouterr().out
     train, queries = sorted(run.glob("train-*")), sorted(run.glob("test-*"))
     (factors,) = run.glob("curvature-ekfac-*.pt")

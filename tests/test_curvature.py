@@ -309,6 +309,46 @@ def test_auto_method_takes_the_dense_ggn_where_it_fits_and_ekfac_elsewhere(monke
     assert all("eigenvalues" in f for f in fit("auto")["layers"].values())
 
 
+def test_auto_method_is_ekfac_unless_the_fisher_is_exact():
+    """Sampled labels (``fisher="true"``, or ``"auto"`` with more than 16 classes) and the
+    empirical Fisher: ``method="auto"`` gives EKFAC's factors, bit for bit."""
+    from logix_func import pipeline
+
+    def same(model, y, **kw):
+        x = torch.randn(len(y), 4)
+        params, spec = dict(model.named_parameters()), lf.logra(model, rank=None)
+        loader = list(zip(x.split(8), y.split(8)))
+        fit = lambda m: pipeline.fit_curvature(  # noqa: E731
+            model, params, loader, spec, method=m, progress=False, **kw
+        )
+        auto, ekfac = fit("auto"), fit("ekfac")
+        for name, factors in ekfac["layers"].items():
+            assert auto["layers"][name].keys() == factors.keys() and "QA" in factors
+            for key, value in factors.items():
+                assert torch.equal(auto["layers"][name][key], value)
+
+    small = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))  # k = 25 and 15
+    for fisher in ("true", "empirical"):
+        same(small, torch.randint(0, 3, (20,)), fisher=fisher)
+    many = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 20))  # 20 classes: sampled
+    same(many, torch.randint(0, 20, (20,)))
+    once = iter([(torch.randn(8, 4), torch.randint(0, 3, (8,)))])
+    spec = lf.logra(small, rank=None)
+    with pytest.raises(TypeError, match="not a one-shot list_iterator"):
+        pipeline.fit_curvature(small, dict(small.named_parameters()), once, spec, progress=False)
+
+
+def test_auto_ggn_layers_fill_the_budget_smallest_first(monkeypatch):
+    from logix_func import pipeline
+
+    dims = {"a": (64, 64), "b": (2, 3), "c": (10, 10), "d": (65, 64)}  # k = 4096, 6, 100, 4160
+    assert pipeline.auto_ggn_layers(dims) == ["a", "b", "c"]  # d: k > AUTO_GGN_MAX
+    monkeypatch.setattr(pipeline, "AUTO_GGN_BUDGET", 4 * (6**2 + 100**2))
+    assert pipeline.auto_ggn_layers(dims) == ["b", "c"]
+    monkeypatch.setattr(pipeline, "AUTO_GGN_BUDGET", 4 * 100**2)
+    assert pipeline.auto_ggn_layers(dims) == ["b"]
+
+
 def test_raw_kronecker_route_and_cholesky_preconditioner_match_the_plain_ones():
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))

@@ -229,6 +229,23 @@ def test_training_sequence_is_its_own_most_influential_under_ekfac():
     assert torch.equal(scores.argmax(dim=0), torch.arange(8))
 
 
+def test_default_method_is_ekfac_bit_for_bit_on_a_language_model():
+    """``method="auto"`` (the default) takes the GGN only under the exact expectation over the
+    labels: a causal LM samples them, so auto is EKFAC, factor for factor, though every
+    layer's block (k = 36) would fit."""
+    model = gpt2()
+    spec = lf.logra(model, rank=6, seed=5)
+    params = params_of(model)
+    loader = [lm_batch(batch=4, length=10, seed=s) for s in (7, 8)]
+    default = lf.fit_curvature(model, params, loader, spec, progress=False)
+    ekfac = lf.fit_curvature(model, params, loader, spec, method="ekfac", progress=False)
+    assert default.keys() == ekfac.keys() and default["layers"].keys() == ekfac["layers"].keys()
+    for name, factors in ekfac["layers"].items():
+        assert default["layers"][name].keys() == factors.keys() and "QA" in factors
+        for key, value in factors.items():
+            assert torch.equal(default["layers"][name][key], value), (name, key)
+
+
 def position_grads(model, batch, modules):
     """``{module: [B, T, out, in + 1]}``: gradient of each sequence's loss with respect to a
     weight perturbation applied at one position only (forward hooks, test reference)."""

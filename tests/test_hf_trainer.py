@@ -380,16 +380,24 @@ def test_curvature_is_found_again_by_a_later_attribution(trainer, tmp_path):
 
 def test_the_dense_ggn_methods_reach_the_trainer(trainer, tmp_path):
     """method="ggn" gives each layer a dense [k, k] block (symmetric, positive semidefinite);
-    "auto" does too where k is small, and scores through it."""
-    for method in ("ggn", "auto"):
+    "auto" (the default), with the labels of a language model sampled, is EKFAC."""
+
+    def fit(method):
         options = AttributionArguments(
             store=str(tmp_path / method), rank=2, method=method, cache=False, progress=False
         )
         attribution = Attribution(trainer, options)
-        factors = attribution.fit_curvature()
-        blocks = {n: f["C"] for n, f in factors["layers"].items()}
-        assert set(blocks) == set(attribution.spec.layers)
-        for block in blocks.values():
-            assert block.shape == (4, 4) and torch.allclose(block, block.T)
-            assert torch.linalg.eigvalsh(block.double()).min() > -1e-6 * block.abs().max()
-        assert torch.isfinite(attribution.influence(QUERIES)).all()
+        return attribution, attribution.fit_curvature()
+
+    attribution, factors = fit("ggn")
+    blocks = {n: f["C"] for n, f in factors["layers"].items()}
+    assert set(blocks) == set(attribution.spec.layers)
+    for block in blocks.values():
+        assert block.shape == (4, 4) and torch.allclose(block, block.T)
+        assert torch.linalg.eigvalsh(block.double()).min() > -1e-6 * block.abs().max()
+    assert torch.isfinite(attribution.influence(QUERIES)).all()
+    assert AttributionArguments(store="unused").method == "auto"
+    auto, ekfac = fit("auto")[1], fit("ekfac")[1]
+    for name, f in ekfac["layers"].items():
+        assert "QA" in f and auto["layers"][name].keys() == f.keys()
+        assert all(torch.equal(auto["layers"][name][k], v) for k, v in f.items())

@@ -75,6 +75,7 @@ def test_fit_curvature_equals_the_transforms_by_hand():
 def test_main_job_runs_end_to_end_and_resumes(tmp_path, capsys):
     run = str(tmp_path / "digits")
     args = ["--run", run, "--rank", "4", "--queries", "0", "1", "--top", "3", "--no-progress"]
+    args += ["--preconditioner", "ekfac"]
     main(args)
     out = capsys.readouterr().out
     assert "store: 1300 training rows" in out and "proponents:" in out and "opponents:" in out

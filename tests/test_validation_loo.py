@@ -94,6 +94,9 @@ def test_approximate_curvatures_rank_between_identity_and_exact(loo):
 # ---- the constant-column logistic regression, another split (never tuned on) -----------------
 
 CONSTANT = Path(__file__).parent / "data" / "loo_logreg_constant.npz"
+# The default pipeline (method="auto": the GGN, the Hessian of the mean loss here) measured
+# 0.961, EKFAC 0.914 (docs/validation.md).
+DEFAULT_LOO_MIN = 0.94
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +132,17 @@ def constant_pearson(constant, factors, damping=None) -> float:
 
 
 def test_default_pipeline_predicts_leave_one_out_on_unseen_data(constant):
-    """`fit_curvature` + `preconditioner` with no options: EKFAC, the exact expectation over
-    the 10 labels, damping 0.1 × the mean eigenvalue. Measured 0.914 (docs/validation.md);
-    Kronfluence's EKFAC on the same problem 0.886 ± 0.014 over label draws."""
+    """`fit_curvature` + `preconditioner` with no options: ``method="auto"``, here the dense
+    GGN under the exact expectation over the 10 labels (the Hessian of the mean loss for a
+    logistic regression), damping 0.1 × the mean eigenvalue. Measured 0.961, EKFAC 0.914
+    (docs/validation.md); Kronfluence's EKFAC on the same problem 0.886 ± 0.014
+    over label draws."""
     c = constant
-    factors = fit_curvature(c["model"], c["params"], c["loader"], c["spec"], progress=False)
-    default = constant_pearson(c, factors)
+    fit = lambda **kw: fit_curvature(  # noqa: E731
+        c["model"], c["params"], c["loader"], c["spec"], progress=False, **kw
+    )
+    default = constant_pearson(c, fit())
+    ekfac = constant_pearson(c, fit(method="ekfac"))
     sampled = [
         constant_pearson(
             c,
@@ -150,8 +158,8 @@ def test_default_pipeline_predicts_leave_one_out_on_unseen_data(constant):
         )
         for seed in (0, 1, 2)
     ]
-    print(f"default {default:.4f}, sampled labels {sampled}")
-    assert default >= 0.85 and np.mean(sampled) >= 0.85
+    print(f"default {default:.4f}, EKFAC {ekfac:.4f}, sampled labels {sampled}")
+    assert default >= DEFAULT_LOO_MIN and ekfac >= 0.85 and np.mean(sampled) >= 0.85
 
 
 def test_exact_influence_predicts_leave_one_out_on_unseen_data(constant):

@@ -49,8 +49,22 @@ GOAL = 3.0
 
 # key, label, runner, which python, options
 TOOLS = [
-    ("ours-logra", "logix_func LoGra 64 + EKFAC", "run_ours.py", "ours", {"rank": 64}),
-    ("ours-full", "logix_func full + EKFAC", "run_ours.py", "ours", {"rank": None}),
+    ("ours-logra", "logix_func LoGra 64, default (auto)", "run_ours.py", "ours", {"rank": 64}),
+    ("ours-full", "logix_func full, default (auto)", "run_ours.py", "ours", {"rank": None}),
+    (
+        "ours-logra-ekfac",
+        "logix_func LoGra 64 + EKFAC",
+        "run_ours.py",
+        "ours",
+        {"rank": 64, "method": "ekfac"},
+    ),
+    (
+        "ours-full-ekfac",
+        "logix_func full + EKFAC",
+        "run_ours.py",
+        "ours",
+        {"rank": None, "method": "ekfac"},
+    ),
     (
         "ours-full-true",
         "logix_func full + EKFAC, sampled labels",

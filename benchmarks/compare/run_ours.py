@@ -1,11 +1,13 @@
-"""logix_func's pipeline: LoGra (or full gradients) + EKFAC, through the public API.
+"""logix_func's pipeline: LoGra (or full gradients) + its default curvature, through the public API.
 
 Stages: ``log_dataset`` of the training gradients to a LogStore in WORKDIR (extract),
-``fit_curvature(method="ekfac")`` with its default Fisher (``"auto"``: the expectation over
-all labels for these 10 classes) saved with ``save_state`` (curvature), then the query
-gradients, ``preconditioner(factors)`` (damping 0.1 × each layer's mean eigenvalue) and
-``influence`` over the store (score). Options: ``{"rank": 64, "fisher": "auto", "seed": 0}``
-(``rank: null`` = full gradients; ``fisher: "true"`` = one sampled label per example).
+``fit_curvature`` (default ``method="auto"``: under the default Fisher, the expectation over
+all labels for these 10 classes, the dense per-layer GGN where k ≤ 4096 and EKFAC for the
+larger layers) saved with ``save_state`` (curvature), then the query gradients,
+``preconditioner(factors)`` (damping 0.1 × each layer's mean eigenvalue) and ``influence``
+over the store (score). Options: ``{"rank": 64, "method": "auto", "fisher": "auto", "seed":
+0}`` (``rank: null`` = full gradients; ``fisher: "true"`` = one sampled label per example,
+under which ``"auto"`` is EKFAC).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def main() -> None:
     query = batches(problem["query"], args.batch_size)
     rank = args.options.get("rank", 64)
     fisher, seed = args.options.get("fisher", "auto"), args.options.get("seed", 0)
+    method = args.options.get("method", "auto")
 
     rec = Recorder()
     spec = lf.logra(model, rank=rank)
@@ -35,7 +38,7 @@ def main() -> None:
         spec,
         args.workdir,
         rec,
-        method="ekfac",
+        method=method,
         fisher=fisher,
         seed=seed,
     )

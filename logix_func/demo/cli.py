@@ -95,10 +95,10 @@ def _parser() -> _Parser:
     demo.add_argument(
         "--preconditioner",
         choices=["ekfac", "kfac", "raw", "ggn", "joint_ggn", "auto", "identity"],
-        default="ekfac",
+        default="auto",
         help="curvature applied to the query gradients (ggn: the exact per-layer GGN in the "
         "projected space; joint_ggn: the GGN of all layers together; auto: the GGN where a "
-        "layer's block is small, EKFAC elsewhere)",
+        "layer's block is small and the Fisher is exact, EKFAC elsewhere)",
     )
     demo.add_argument(
         "--fisher",

@@ -68,11 +68,13 @@ class AttributionArguments:
         layers: module names or glob patterns to cover (``"model.layers.*.mlp.*"``,
             ``"*.weight"``); ``None`` = every projectable layer.
         exclude: names or patterns of layers to leave out (e.g. ``["*embed*"]``).
-        method: curvature: ``"ekfac"``, ``"kfac"``, ``"raw"`` (full covariance of each layer's
-            projected gradient), ``"ggn"`` (the exact per-layer GGN in the projected space),
-            ``"joint_ggn"`` (the GGN of all layers together, cross-layer blocks included),
-            ``"auto"`` (the GGN where a layer's block is small, EKFAC elsewhere) or ``"none"``
-            (plain gradient dot products); see :func:`~logix_func.fit_curvature`.
+        method: curvature: ``"auto"`` (default: the GGN where a layer's block is small and
+            the Fisher is the exact expectation over few classes, EKFAC elsewhere — language
+            models get EKFAC), ``"ekfac"``, ``"kfac"``, ``"raw"`` (full covariance of each
+            layer's projected gradient), ``"ggn"`` (the exact per-layer GGN in the projected
+            space), ``"joint_ggn"`` (the GGN of all layers together, cross-layer blocks
+            included) or ``"none"`` (plain gradient dot products); see
+            :func:`~logix_func.fit_curvature`.
         fisher: ``"auto"`` (exact where cheap, else sampled), ``"true"`` (sampled labels),
             ``"empirical"`` (the data's) or ``"exact"``.
         damping: ``None`` = 0.1 × the mean eigenvalue per layer; a float is absolute.
@@ -98,7 +100,7 @@ class AttributionArguments:
     seed: int = 0
     layers: Sequence[str] | None = None
     exclude: Sequence[str] | None = None
-    method: Method = "ekfac"
+    method: Method = "auto"
     fisher: Fisher = "auto"
     damping: float | None = None
     dtype: torch.dtype = torch.float32
