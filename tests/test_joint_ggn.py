@@ -96,6 +96,12 @@ def test_joint_ggn_follows_the_contract():
     merged = lf.merge_states(*parts)
     for n in spec.layers:
         torch.testing.assert_close(merged["layers"][n]["rows"], whole["layers"][n]["rows"])
+    # the gradients' route (no logs) and the one-token Kronecker route agree
+    grads, logs = batches[0]
+    by_grads = t.update(t.init(spec), CurvatureLogs(grads, None))
+    by_tokens = t.update(t.init(spec), CurvatureLogs(grads, logs))
+    for n in spec.layers:
+        torch.testing.assert_close(by_grads["layers"][n]["rows"], by_tokens["layers"][n]["rows"])
     # without its cross-layer blocks it is the per-layer GGN (method="ggn")
     per_layer = lf.fit_curvature(
         model, params, [(x, y)], spec, method="ggn", fisher="exact", progress=False

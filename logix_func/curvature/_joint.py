@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._ekfac import token_logs
+from ._raw import kron_cross
 from .transform import (
     CurvatureLogs,
     Device,
@@ -55,9 +57,8 @@ def joint_ggn(*, dtype: torch.dtype = torch.float32) -> Transform:
         return {"spec": spec.tag(), "layers": layers}
 
     def update(state: State[JointRowState], logs: CurvatureLogs) -> State[JointRowState]:
-        grads = checked_logs(state, logs, None).grads
+        grads, logs = checked_logs(state, logs, None)
         names = sorted(state["layers"])
-        flat = []
         for name in names:
             g, rows = grads[name], state["layers"][name]["rows"]
             if g.shape[-2] * g.shape[-1] != rows.shape[0]:
@@ -65,13 +66,21 @@ def joint_ggn(*, dtype: torch.dtype = torch.float32) -> Transform:
                     f"layer {name!r}: gradients [..., {g.shape[-2]}, {g.shape[-1]}] do not match "
                     f"the state's {rows.shape[0]} entries (another spec?)"
                 )
-            check_finite(g, name, "gradients")
-            flat.append(g.reshape(-1, rows.shape[0]).to(dtype))
-        joint = torch.cat(flat, dim=1)  # [B·D, K]
-        term = joint.T @ joint
+        tokens = None if logs is None else {n: token_logs(n, logs[n], grads[n]) for n in names}
+        if tokens is not None and all(backs.shape[2] == 1 for _, backs in tokens.values()):
+            term = _kronecker_blocks(names, tokens, dtype)
+        else:
+            flat = []
+            for name in names:
+                check_finite(grads[name], name, "gradients")
+                k = state["layers"][name]["rows"].shape[0]
+                flat.append(grads[name].reshape(-1, k).to(dtype))
+            joint = torch.cat(flat, dim=1)  # [B·D, K]
+            term = joint.T @ joint
         layers, start = {}, 0
-        for name, block in zip(names, flat, strict=True):
-            acc, stop = state["layers"][name], start + block.shape[1]
+        for name in names:
+            acc = state["layers"][name]
+            stop = start + acc["rows"].shape[0]
             layers[name] = {
                 "rows": acc["rows"] + term[start:stop],
                 "samples": acc["samples"] + grads[name].shape[0],
@@ -91,6 +100,31 @@ def joint_ggn(*, dtype: torch.dtype = torch.float32) -> Transform:
 
 # the default damping of a joint GGN's layers, × each layer's mean eigenvalue (see Preconditioner)
 JOINT_DAMPING = 1.0
+
+
+def _kronecker_blocks(
+    names: list[str], tokens: dict[str, tuple[Tensor, Tensor]], dtype: torch.dtype
+) -> Tensor:
+    """``Σ_n Σ_d g_nd g_ndᵀ`` ``[K, K]`` from one-token logs, block by block (``g = δ ⊗ a``):
+    ``B·K²`` multiply-adds instead of the gradients' ``B·D·K²``; the blocks below the diagonal
+    are the transposes of those above."""
+    flat = {}
+    for name in names:
+        acts, backs = tokens[name]
+        check_finite(acts, name, "activations")
+        check_finite(backs, name, "backprops")
+        flat[name] = (acts[:, 0].to(dtype), backs[:, :, 0].to(dtype))
+    upper = {
+        (a, b): kron_cross(*flat[names[a]], *flat[names[b]])
+        for a in range(len(names))
+        for b in range(a, len(names))
+    }
+    return torch.cat(
+        [
+            torch.cat([upper[(b, a)].T if b < a else upper[(a, b)] for b in range(len(names))], 1)
+            for a in range(len(names))
+        ]
+    )
 
 
 def joint_layout(rows: dict[str, Tensor]) -> tuple[list[str], list[int]]:

@@ -97,12 +97,25 @@ def raw(*, dtype: torch.dtype = torch.float32, eigh: bool = True) -> Transform:
     return Transform(init, update, finalize)
 
 
+def kron_cross(
+    acts: Float[Tensor, "batch i"],
+    backs: Float[Tensor, "batch draws o"],
+    other_acts: Float[Tensor, "batch j"],
+    other_backs: Float[Tensor, "batch draws p"],
+) -> Float[Tensor, "oi pj"]:
+    """``Σ_n (Σ_d δ_nd δ'_ndᵀ) ⊗ a_n a'_nᵀ``: the block ``Σ_n Σ_d vec(G_nd) vec(G'_nd)ᵀ`` of
+    two layers with one token per sample (``G = δ aᵀ``), in row-major ``vec`` order."""
+    (o, i), (p, j) = (
+        (backs.shape[-1], acts.shape[-1]),
+        (other_backs.shape[-1], other_acts.shape[-1]),
+    )
+    s = torch.einsum("ndo,ndp->nop", backs, other_backs).reshape(len(backs), -1)
+    a = torch.einsum("ni,nj->nij", acts, other_acts).reshape(len(acts), -1)
+    return (s.T @ a).reshape(o, p, i, j).permute(0, 2, 1, 3).reshape(o * i, p * j)
+
+
 def _kron_sum(
     activations: Float[Tensor, "batch k_in"], backprops: Float[Tensor, "batch draws k_out"]
 ) -> Float[Tensor, "k k"]:
     """``Σ_n (Σ_d δ_nd δ_ndᵀ) ⊗ a_n a_nᵀ`` in row-major ``vec`` order, ``k = k_out·k_in``."""
-    k_in, k_out = activations.shape[-1], backprops.shape[-1]
-    s = torch.einsum("ndo,ndp->nop", backprops, backprops).reshape(len(backprops), -1)
-    a = torch.einsum("ni,nj->nij", activations, activations).reshape(len(activations), -1)
-    blocks = (s.T @ a).reshape(k_out, k_out, k_in, k_in)
-    return blocks.permute(0, 2, 1, 3).reshape(k_out * k_in, k_out * k_in)
+    return kron_cross(activations, backprops, activations, backprops)
