@@ -167,6 +167,41 @@ def ggn_scores(u, wd, g_te, g_tr, dampings, cols=None) -> dict[float, Tensor]:
     return dense_scores(u.T @ u + wd * eye, g_te, g_tr, dampings)
 
 
+def tridiagonal_scores(u, layers, wd, g_te, g_tr, dampings) -> dict[float, Tensor]:
+    """Scores of the block-tridiagonal inverse of the GGN (Martens & Grosse 2015, §4.3).
+
+    With ``G = UᵀU + (wd + λ) I`` in layer blocks ``G_ij``, the layers as a Markov chain:
+    ``Ψ_i = G_{i,i+1} G_{i+1,i+1}⁻¹``, ``Σ_i = G_ii − Ψ_i G_{i+1,i}`` (``Σ_L = G_LL``) and
+    ``Ĝ⁻¹ = Ξᵀ diag(Σ_i⁻¹) Ξ``, ``(Ξg)_i = g_i − Ψ_i g_{i+1}``: exact on the tridiagonal blocks
+    of ``G``, cross-layer terms between neighbours kept, the others implied by the chain."""
+    cols = [slice(a, b) for a, b in layers]
+    out = {}
+    for lam in dampings:
+
+        def block(i, j, lam=lam):
+            m = u[:, cols[i]].T @ u[:, cols[j]]
+            if i == j:
+                m.diagonal().add_(wd + lam)
+            return m
+
+        parts = []
+        for i in range(len(cols)):
+            sigma = block(i, i)
+            t_te, t_tr = g_te[:, cols[i]], g_tr[:, cols[i]]
+            if i + 1 < len(cols):
+                below = block(i + 1, i)  # G_{i+1,i}
+                psi_t = torch.cholesky_solve(below, torch.linalg.cholesky(block(i + 1, i + 1)))
+                sigma -= below.T @ psi_t  # G_ii − G_{i,i+1} G_{i+1,i+1}⁻¹ G_{i+1,i}
+                t_te = t_te - g_te[:, cols[i + 1]] @ psi_t
+                t_tr = t_tr - g_tr[:, cols[i + 1]] @ psi_t
+                del below, psi_t
+            factor = torch.linalg.cholesky(sigma)
+            parts.append(t_te @ torch.cholesky_solve(t_tr.T, factor))
+            del sigma, factor
+        out[lam] = sum(parts)
+    return out
+
+
 def smallest_eig(m: Tensor) -> float:
     """The smallest eigenvalue of a symmetric ``m`` (Lanczos, ARPACK)."""
     from scipy.sparse.linalg import eigsh
@@ -192,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--members", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=256, help="Hessian columns per vmap")
     parser.add_argument("--no-hessian", action="store_true")
+    parser.add_argument(
+        "--tridiagonal", action="store_true", help="also the block-tridiagonal GGN inverse"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -231,6 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     report("GGN, per layer", summed(parts))
     step("GGN, per layer")
     del parts
+    if args.tridiagonal:
+        report(
+            "GGN, block-tridiagonal",
+            tridiagonal_scores(u, prob.layers, wd, g_te, g_tr, args.dampings),
+        )
+        step("GGN, block-tridiagonal")
     best = max(ggn, key=ggn.get)
     if args.members > 1:
         del u
