@@ -1,7 +1,7 @@
 """Exact dense curvatures of the digits MLP's objective: LDS of ``g_testᵀ (M + λI)⁻¹ g_train``.
 
     python -m benchmarks.dense_curvature [--data tests/data/lds_deep_mlp.npz]
-        [--dampings 0 1e-4 3e-4 1e-3 3e-3 1e-2] [--members 1] [--no-hessian]
+        [--dampings 0 1e-4 3e-4 1e-3 3e-3 1e-2] [--members 1] [--curvatures ggn ...]
 
 On the stored full-data model (float64) of ``--data``, with ``M`` one of
 
@@ -44,6 +44,7 @@ from benchmarks.lds_data import load_ground_truth
 from logix_func.demo import digits
 
 DAMPINGS = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+CURVATURES = ("ggn", "ggn-layers", "hessian", "hessian-layers", "ggn-tridiagonal")
 
 
 class Problem:
@@ -226,9 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dampings", type=float, nargs="+", default=list(DAMPINGS))
     parser.add_argument("--members", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=256, help="Hessian columns per vmap")
-    parser.add_argument("--no-hessian", action="store_true")
+    parser.add_argument("--curvatures", nargs="+", choices=CURVATURES, default=CURVATURES[:4])
     parser.add_argument(
-        "--tridiagonal", action="store_true", help="also the block-tridiagonal GGN inverse"
+        "--ensemble-damping",
+        type=float,
+        default=None,
+        help="λ of the ensemble's GGN (default: the best of the 'ggn' row, else the first λ)",
     )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -263,26 +267,33 @@ def main(argv: list[str] | None = None) -> None:
         f"{'curvature':28s} " + " ".join(f"{'λ=' + format(lam, 'g'):>7s}" for lam in args.dampings)
     )
     report("gradient dot products", {0.0: g_te @ g_tr.T})
-    ggn = report("GGN, all layers", ggn_scores(u, wd, g_te, g_tr, args.dampings))
-    step("GGN, all layers")
-    parts = [ggn_scores(u, wd, g_te, g_tr, args.dampings, cols) for cols in prob.layers]
-    report("GGN, per layer", summed(parts))
-    step("GGN, per layer")
-    del parts
-    if args.tridiagonal:
-        report(
-            "GGN, block-tridiagonal",
-            tridiagonal_scores(u, prob.layers, wd, g_te, g_tr, args.dampings),
-        )
+    lds_ggn, ggn = {}, {}
+    if "ggn" in args.curvatures:
+        ggn = ggn_scores(u, wd, g_te, g_tr, args.dampings)
+        lds_ggn = report("GGN, all layers", ggn)
+        step("GGN, all layers")
+    if "ggn-layers" in args.curvatures:
+        parts = [ggn_scores(u, wd, g_te, g_tr, args.dampings, cols) for cols in prob.layers]
+        report("GGN, per layer", summed(parts))
+        step("GGN, per layer")
+        del parts
+    if "ggn-tridiagonal" in args.curvatures:
+        scores = tridiagonal_scores(u, prob.layers, wd, g_te, g_tr, args.dampings)
+        report("GGN, block-tridiagonal", scores)
         step("GGN, block-tridiagonal")
-    best = max(ggn, key=ggn.get)
+    del u
     if args.members > 1:
-        del u
+        best = args.ensemble_damping
+        if best is None:
+            best = max(lds_ggn, key=lds_ggn.get) if lds_ggn else args.dampings[0]
         total = None
         for k, member in enumerate(problems):
-            mg_tr = member.grads(split.train_x, split.train_y)
-            mg_te = member.grads(split.test_x, split.test_y)
-            scores = ggn_scores(member.ggn_rows(), wd, mg_te, mg_tr, [best])[best]
+            if k == 0 and best in ggn:
+                scores = ggn[best]
+            else:
+                mg_tr = member.grads(split.train_x, split.train_y)
+                mg_te = member.grads(split.test_x, split.test_y)
+                scores = ggn_scores(member.ggn_rows(), wd, mg_te, mg_tr, [best])[best]
             total = scores if total is None else total + scores
             print(
                 f"  member {k}: GGN all layers λ={best:g} LDS {gt.lds(scores):.3f}, "
@@ -290,26 +301,26 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
         step(f"ensemble of {args.members}, GGN all layers")
-    else:
-        del u
-    if args.no_hessian:
+    if "hessian" not in args.curvatures and "hessian-layers" not in args.curvatures:
         return
     hess = prob.hessian(args.chunk)
     step(f"Hessian {list(hess.shape)}")
-    low = smallest_eig(hess)
-    print(f"Hessian smallest eigenvalue {low:.3g}", flush=True)
-    step("smallest eigenvalue")
-    usable = [lam for lam in args.dampings if lam > -low]
-    scores = dict.fromkeys(args.dampings) | dense_scores(hess, g_te, g_tr, usable)
-    report("Hessian, all layers", scores)
-    step("Hessian, all layers")
-    blocks = []
-    for a, b in prob.layers:
-        block = hess[a:b, a:b].clone()
-        print(f"  layer [{a}:{b}] smallest eigenvalue {smallest_eig(block):.3g}", flush=True)
-        blocks.append(dense_scores(block, g_te[:, a:b], g_tr[:, a:b], args.dampings))
-    report("Hessian, per layer", summed(blocks))
-    step("Hessian, per layer")
+    if "hessian" in args.curvatures:
+        low = smallest_eig(hess)
+        print(f"Hessian smallest eigenvalue {low:.3g}", flush=True)
+        step("smallest eigenvalue")
+        usable = [lam for lam in args.dampings if lam > -low]
+        scores = dict.fromkeys(args.dampings) | dense_scores(hess, g_te, g_tr, usable)
+        report("Hessian, all layers", scores)
+        step("Hessian, all layers")
+    if "hessian-layers" in args.curvatures:
+        blocks = []
+        for a, b in prob.layers:
+            block = hess[a:b, a:b].clone()
+            print(f"  layer [{a}:{b}] smallest eigenvalue {smallest_eig(block):.3g}", flush=True)
+            blocks.append(dense_scores(block, g_te[:, a:b], g_tr[:, a:b], args.dampings))
+        report("Hessian, per layer", summed(blocks))
+        step("Hessian, per layer")
 
 
 if __name__ == "__main__":
