@@ -176,26 +176,29 @@ def tridiagonal_scores(u, layers, wd, g_te, g_tr, dampings) -> dict[float, Tenso
     ``Ĝ⁻¹ = Ξᵀ diag(Σ_i⁻¹) Ξ``, ``(Ξg)_i = g_i − Ψ_i g_{i+1}``: exact on the tridiagonal blocks
     of ``G``, cross-layer terms between neighbours kept, the others implied by the chain."""
     cols = [slice(a, b) for a, b in layers]
+    grams = {}  # (i, j) → U_iᵀ U_j, for j in (i, i − 1), computed once for every λ
+    for i in range(len(cols)):
+        for j in (i, i - 1) if i else (i,):
+            grams[i, j] = u[:, cols[i]].T @ u[:, cols[j]]
     out = {}
     for lam in dampings:
 
-        def block(i, j, lam=lam):
-            m = u[:, cols[i]].T @ u[:, cols[j]]
-            if i == j:
-                m.diagonal().add_(wd + lam)
+        def block(i, lam=lam):
+            m = grams[i, i].clone()
+            m.diagonal().add_(wd + lam)
             return m
 
         parts = []
         for i in range(len(cols)):
-            sigma = block(i, i)
+            sigma = block(i)
             t_te, t_tr = g_te[:, cols[i]], g_tr[:, cols[i]]
             if i + 1 < len(cols):
-                below = block(i + 1, i)  # G_{i+1,i}
-                psi_t = torch.cholesky_solve(below, torch.linalg.cholesky(block(i + 1, i + 1)))
+                below = grams[i + 1, i]  # G_{i+1,i}
+                psi_t = torch.cholesky_solve(below, torch.linalg.cholesky(block(i + 1)))
                 sigma -= below.T @ psi_t  # G_ii − G_{i,i+1} G_{i+1,i+1}⁻¹ G_{i+1,i}
                 t_te = t_te - g_te[:, cols[i + 1]] @ psi_t
                 t_tr = t_tr - g_tr[:, cols[i + 1]] @ psi_t
-                del below, psi_t
+                del psi_t
             factor = torch.linalg.cholesky(sigma)
             parts.append(t_te @ torch.cholesky_solve(t_tr.T, factor))
             del sigma, factor
