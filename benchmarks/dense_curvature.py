@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,14 +119,15 @@ class Problem:
 
 
 def dense_scores(
-    m: Float[Tensor, "d d"], g_te: Tensor, g_tr: Tensor, dampings
+    m: Float[Tensor, "d d"] | np.ndarray, g_te: Tensor, g_tr: Tensor, dampings
 ) -> dict[float, Tensor | None]:
     """``{λ: g_te (M + λI)⁻¹ g_trᵀ}`` by Cholesky; ``None`` where ``M + λI`` is not PD.
 
-    One working copy of ``M`` at a time, factored in place (``M`` may be 5 GB)."""
+    One working copy of ``M`` (a tensor, an array or a memory map) at a time, factored in
+    place (``M`` may be 5 GB)."""
     out = {}
     for lam in dampings:
-        work = m.numpy().copy(order="F")
+        work = np.array(np.asarray(m), order="F")
         work[np.diag_indices_from(work)] += lam
         try:
             factor = cho_factor(work, lower=True, overwrite_a=True, check_finite=False)
@@ -206,13 +208,13 @@ def tridiagonal_scores(u, layers, wd, g_te, g_tr, dampings) -> dict[float, Tenso
     return out
 
 
-def smallest_eig(m: Tensor) -> float:
+def smallest_eig(m: Tensor | np.ndarray) -> float:
     """The smallest eigenvalue of a symmetric ``m`` (Lanczos, ARPACK)."""
     from scipy.sparse.linalg import eigsh
 
     if len(m) <= 4096:
-        return float(torch.linalg.eigvalsh(m)[0])
-    return float(eigsh(m.numpy(), k=1, which="SA", tol=1e-6, return_eigenvectors=False)[0])
+        return float(torch.linalg.eigvalsh(torch.as_tensor(m))[0])
+    return float(eigsh(np.asarray(m), k=1, which="SA", tol=1e-6, return_eigenvectors=False)[0])
 
 
 def summed(parts: list[dict[float, Tensor | None]]) -> dict[float, Tensor | None]:
@@ -236,6 +238,11 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=None,
         help="λ of the ensemble's GGN (default: the best of the 'ggn' row, else the first λ)",
+    )
+    parser.add_argument(
+        "--hessian-file",
+        default=None,
+        help="a .npy the Hessian is saved to once built and read back from when present",
     )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -306,10 +313,16 @@ def main(argv: list[str] | None = None) -> None:
         step(f"ensemble of {args.members}, GGN all layers")
     if "hessian" not in args.curvatures and "hessian-layers" not in args.curvatures:
         return
-    hess = prob.hessian(args.chunk)
-    step(f"Hessian {list(hess.shape)}")
+    if args.hessian_file is None or not Path(args.hessian_file).exists():
+        hess = prob.hessian(args.chunk)
+        step(f"Hessian {list(hess.shape)}")
+        if args.hessian_file is not None:
+            np.save(args.hessian_file, hess.numpy())
+            del hess
+    if args.hessian_file is not None:  # one copy in memory at a time: the file is mapped
+        hess = np.load(args.hessian_file, mmap_mode="r")
     if "hessian" in args.curvatures:
-        low = smallest_eig(hess)
+        low = smallest_eig(np.array(hess) if args.hessian_file else hess)  # in memory
         print(f"Hessian smallest eigenvalue {low:.3g}", flush=True)
         step("smallest eigenvalue")
         usable = [lam for lam in args.dampings if lam > -low]
@@ -319,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     if "hessian-layers" in args.curvatures:
         blocks = []
         for a, b in prob.layers:
-            block = hess[a:b, a:b].clone()
+            block = torch.from_numpy(np.array(hess[a:b, a:b]))
             print(f"  layer [{a}:{b}] smallest eigenvalue {smallest_eig(block):.3g}", flush=True)
             blocks.append(dense_scores(block, g_te[:, a:b], g_tr[:, a:b], args.dampings))
         report("Hessian, per layer", summed(blocks))
