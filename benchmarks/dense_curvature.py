@@ -170,40 +170,48 @@ def ggn_scores(u, wd, g_te, g_tr, dampings, cols=None) -> dict[float, Tensor]:
     return dense_scores(u.T @ u + wd * eye, g_te, g_tr, dampings)
 
 
-def tridiagonal_scores(u, layers, wd, g_te, g_tr, dampings) -> dict[float, Tensor]:
+def neighbour_grams(u: Float[Tensor, "r D"], layers) -> dict[tuple[int, int], Tensor]:
+    """``{(i, j): U_iᵀ U_j}`` for ``j = i`` and ``j = i − 1``: the GGN's tridiagonal blocks."""
+    cols = [slice(a, b) for a, b in layers]
+    pairs = [(i, j) for i in range(len(cols)) for j in (i, i - 1) if j >= 0]
+    return {(i, j): u[:, cols[i]].T @ u[:, cols[j]] for i, j in pairs}
+
+
+def tridiagonal_scores(grams, layers, wd, g_te, g_tr, dampings) -> dict[float, Tensor]:
     """Scores of the block-tridiagonal inverse of the GGN (Martens & Grosse 2015, §4.3).
 
-    With ``G = UᵀU + (wd + λ) I`` in layer blocks ``G_ij``, the layers as a Markov chain:
-    ``Ψ_i = G_{i,i+1} G_{i+1,i+1}⁻¹``, ``Σ_i = G_ii − Ψ_i G_{i+1,i}`` (``Σ_L = G_LL``) and
-    ``Ĝ⁻¹ = Ξᵀ diag(Σ_i⁻¹) Ξ``, ``(Ξg)_i = g_i − Ψ_i g_{i+1}``: exact on the tridiagonal blocks
-    of ``G``, cross-layer terms between neighbours kept, the others implied by the chain."""
+    With ``G = UᵀU + (wd + λ) I`` in layer blocks ``G_ij`` (``grams``: `neighbour_grams`), the
+    layers as a Markov chain: ``Ψ_i = G_{i,i+1} G_{i+1,i+1}⁻¹``, ``Σ_i = G_ii − Ψ_i G_{i+1,i}``
+    (``Σ_L = G_LL``) and ``Ĝ⁻¹ = Ξᵀ diag(Σ_i⁻¹) Ξ``, ``(Ξg)_i = g_i − Ψ_i g_{i+1}``: exact on the
+    tridiagonal blocks of ``G``, cross-layer terms between neighbours kept, the others implied
+    by the chain."""
     cols = [slice(a, b) for a, b in layers]
-    grams = {}  # (i, j) → U_iᵀ U_j, for j in (i, i − 1), computed once for every λ
-    for i in range(len(cols)):
-        for j in (i, i - 1) if i else (i,):
-            grams[i, j] = u[:, cols[i]].T @ u[:, cols[j]]
     out = {}
     for lam in dampings:
 
-        def block(i, lam=lam):
-            m = grams[i, i].clone()
-            m.diagonal().add_(wd + lam)
-            return m
+        def factor(i, minus=None, lam=lam):
+            """Cholesky factor of ``G_ii − minus``, in place on one working copy."""
+            m = grams[i, i].numpy().copy(order="F")
+            m[np.diag_indices_from(m)] += wd + lam
+            if minus is not None:
+                m -= minus.numpy()
+            return cho_factor(m, lower=True, overwrite_a=True, check_finite=False)
+
+        def solve(f, rhs):
+            return torch.from_numpy(cho_solve(f, rhs.numpy(), check_finite=False))
 
         parts = []
         for i in range(len(cols)):
-            sigma = block(i)
-            t_te, t_tr = g_te[:, cols[i]], g_tr[:, cols[i]]
+            t_te, t_tr, minus = g_te[:, cols[i]], g_tr[:, cols[i]], None
             if i + 1 < len(cols):
                 below = grams[i + 1, i]  # G_{i+1,i}
-                psi_t = torch.cholesky_solve(below, torch.linalg.cholesky(block(i + 1)))
-                sigma -= below.T @ psi_t  # G_ii − G_{i,i+1} G_{i+1,i+1}⁻¹ G_{i+1,i}
+                psi_t = solve(factor(i + 1), below)  # G_{i+1,i+1}⁻¹ G_{i+1,i}
+                minus = below.T @ psi_t  # G_{i,i+1} G_{i+1,i+1}⁻¹ G_{i+1,i}
                 t_te = t_te - g_te[:, cols[i + 1]] @ psi_t
                 t_tr = t_tr - g_tr[:, cols[i + 1]] @ psi_t
                 del psi_t
-            factor = torch.linalg.cholesky(sigma)
-            parts.append(t_te @ torch.cholesky_solve(t_tr.T, factor))
-            del sigma, factor
+            parts.append(t_te @ solve(factor(i, minus), t_tr.T.contiguous()))
+            del minus
         out[lam] = sum(parts)
     return out
 
@@ -288,10 +296,13 @@ def main(argv: list[str] | None = None) -> None:
         step("GGN, per layer")
         del parts
     if "ggn-tridiagonal" in args.curvatures:
-        scores = tridiagonal_scores(u, prob.layers, wd, g_te, g_tr, args.dampings)
+        grams = neighbour_grams(u, prob.layers)
+        u = None  # the blocks are all the chain needs
+        scores = tridiagonal_scores(grams, prob.layers, wd, g_te, g_tr, args.dampings)
+        del grams
         report("GGN, block-tridiagonal", scores)
         step("GGN, block-tridiagonal")
-    del u
+    u = None
     if args.members > 1:
         best = args.ensemble_damping
         if best is None:

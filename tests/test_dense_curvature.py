@@ -67,12 +67,16 @@ def test_tridiagonal_inverse_keeps_the_tridiagonal_blocks(problem):
     d = u.shape[1]
     eye = torch.eye(d, dtype=torch.float64)
     full = u.T @ u + WD * eye
-    approx = torch.linalg.inv(dc.tridiagonal_scores(u, problem.layers, WD, eye, eye, [0.0])[0.0])
+    approx = torch.linalg.inv(
+        dc.tridiagonal_scores(
+            dc.neighbour_grams(u, problem.layers), problem.layers, WD, eye, eye, [0.0]
+        )[0.0]
+    )
     (a0, b0), (a1, b1), (a2, b2) = problem.layers
     for rows, cols in [((a0, b0), (a0, b1)), ((a1, b1), (a0, b2)), ((a2, b2), (a1, b2))]:
         r, c = slice(*rows), slice(*cols)
         torch.testing.assert_close(approx[r, c], full[r, c], rtol=1e-7, atol=1e-9)
     assert (approx[a0:b0, a2:b2] - full[a0:b0, a2:b2]).abs().max() > 1e-6  # not the full G
     two = [(a0, b1), (a2, b2)]
-    exact = dc.tridiagonal_scores(u, two, WD, eye, eye, [0.0])[0.0]
+    exact = dc.tridiagonal_scores(dc.neighbour_grams(u, two), two, WD, eye, eye, [0.0])[0.0]
     torch.testing.assert_close(exact, torch.linalg.inv(full), rtol=1e-7, atol=1e-7)
