@@ -98,8 +98,9 @@ class Problem:
             rows.append(torch.einsum("nca,ncd->nad", b, jac).flatten(0, 1))
         return torch.cat(rows) / len(x) ** 0.5
 
-    def hessian(self, chunk: int) -> Float[Tensor, "D D"]:
-        """The dense Hessian of `digits.mlp_objective`, ``chunk`` columns at a time."""
+    def hessian(self, chunk: int, out: Tensor | None = None) -> Float[Tensor, "D D"]:
+        """The dense Hessian of `digits.mlp_objective`, ``chunk`` columns at a time, written
+        into ``out`` (e.g. a tensor over a file-backed memory map) or a new tensor."""
         x, y = self.split.train_x, self.split.train_y
 
         def objective(theta):
@@ -109,7 +110,7 @@ class Problem:
             return jvp(grad(objective), (self.theta,), (v,))[1]
 
         d = len(self.theta)
-        out = torch.empty(d, d, dtype=torch.float64)
+        out = torch.empty(d, d, dtype=torch.float64) if out is None else out
         for start in range(0, d, chunk):
             stop = min(start + chunk, d)
             basis = torch.zeros(stop - start, d, dtype=torch.float64)
@@ -119,15 +120,25 @@ class Problem:
 
 
 def dense_scores(
-    m: Float[Tensor, "d d"] | np.ndarray, g_te: Tensor, g_tr: Tensor, dampings
+    m: Float[Tensor, "d d"] | np.ndarray,
+    g_te: Tensor,
+    g_tr: Tensor,
+    dampings,
+    scratch: str | None = None,
 ) -> dict[float, Tensor | None]:
     """``{λ: g_te (M + λI)⁻¹ g_trᵀ}`` by Cholesky; ``None`` where ``M + λI`` is not PD.
 
-    One working copy of ``M`` (a tensor, an array or a memory map) at a time, factored in
-    place (``M`` may be 5 GB)."""
+    One working copy of the symmetric ``M`` (a tensor, an array or a memory map) at a time,
+    factored in place; with ``scratch`` (a path) that copy is a file-backed memory map, which
+    the system can page out instead of running out of memory (``M`` may be 5 GB)."""
+    m = np.asarray(m)
     out = {}
     for lam in dampings:
-        work = np.array(np.asarray(m), order="F")
+        if scratch is None:
+            work = np.array(m.T, order="F")  # Mᵀ = M: the transposed view is already F-ordered
+        else:
+            work = np.lib.format.open_memmap(scratch, "w+", m.dtype, m.shape, fortran_order=True)
+            work[...] = m.T
         work[np.diag_indices_from(work)] += lam
         try:
             factor = cho_factor(work, lower=True, overwrite_a=True, check_finite=False)
@@ -324,20 +335,28 @@ def main(argv: list[str] | None = None) -> None:
         step(f"ensemble of {args.members}, GGN all layers")
     if "hessian" not in args.curvatures and "hessian-layers" not in args.curvatures:
         return
-    if args.hessian_file is None or not Path(args.hessian_file).exists():
+    path = args.hessian_file
+    if path is None:
         hess = prob.hessian(args.chunk)
         step(f"Hessian {list(hess.shape)}")
-        if args.hessian_file is not None:
-            np.save(args.hessian_file, hess.numpy())
-            del hess
-    if args.hessian_file is not None:  # one copy in memory at a time: the file is mapped
-        hess = np.load(args.hessian_file, mmap_mode="r")
+    else:  # built into a file-backed map, read back from it when present
+        if not Path(path).exists():
+            d = len(prob.theta)
+            partial = np.lib.format.open_memmap(path + ".partial.npy", "w+", np.float64, (d, d))
+            prob.hessian(args.chunk, out=torch.from_numpy(partial))
+            partial.flush()
+            del partial
+            Path(path + ".partial.npy").rename(path)
+            step(f"Hessian [{d}, {d}] into {path}")
+        hess = np.load(path, mmap_mode="r")
+    scratch = None if path is None else path + ".work.npy"
     if "hessian" in args.curvatures:
-        low = smallest_eig(np.array(hess) if args.hessian_file else hess)  # in memory
+        low = smallest_eig(hess)
         print(f"Hessian smallest eigenvalue {low:.3g}", flush=True)
         step("smallest eigenvalue")
         usable = [lam for lam in args.dampings if lam > -low]
-        scores = dict.fromkeys(args.dampings) | dense_scores(hess, g_te, g_tr, usable)
+        scores = dense_scores(hess, g_te, g_tr, usable, scratch)
+        scores = dict.fromkeys(args.dampings) | scores
         report("Hessian, all layers", scores)
         step("Hessian, all layers")
     if "hessian-layers" in args.curvatures:
