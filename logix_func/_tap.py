@@ -134,7 +134,7 @@ def tied_uses(
         if not {use.kind, layer.kind} <= token_kinds or layer.bias is not None or not same:
             raise ValueError(
                 f"module {name!r} shares the weight of covered layer {owner!r} "
-                f"({layout(layer)}), a tie projected_grads covers only between linear and "
+                f"({layout(layer)}), a tie the engine covers only between linear and "
                 "embedding layers without bias on the covered one; exclude "
                 f"{owner!r} from the spec (logra(..., layers=[...]))"
             )
@@ -405,8 +405,9 @@ class Intercept(TorchFunctionMode):
                 raise ValueError(
                     f"layer {name!r} (a transposed linear layer such as transformers' Conv1D) is "
                     f"called as torch.addmm with an input of shape {tuple(mat1.shape)}, "
-                    f"beta={beta}, alpha={alpha}: projected_grads needs beta = alpha = 1 and "
-                    f"input rows that are the batch's ({self.batch}) tokens, batch first"
+                    f"beta={beta}, alpha={alpha}: projected_grads and capture need "
+                    f"beta = alpha = 1 and input rows that are the batch's ({self.batch}) "
+                    "tokens, batch first"
                 )
             mat1 = mat1.reshape(self.batch, -1, mat1.shape[-1])
         return mat2, Call(mat1, mat2.dtype)
@@ -444,8 +445,9 @@ class Intercept(TorchFunctionMode):
         if not unbatched:
             raise ValueError(
                 f"layer {name!r} received an input of shape {tuple(x.shape)} whose first "
-                f"dimension is not the batch ({b}); projected_grads needs the covered layers to "
-                "see the batch first (batch-first models), or an input shared by every sample "
+                f"dimension is not the batch ({b}); projected_grads and capture need the "
+                "covered layers to see the batch first (batch-first models), or an input "
+                "shared by every sample "
                 "with no batch dimension (position ids (T,) or [1, T])"
             )
         return replace(call, x=x.expand(b, *x.shape)), y.expand(b, *y.shape)
@@ -468,7 +470,8 @@ class Intercept(TorchFunctionMode):
             what = f"Tensor.{getattr(func.__self__, '__name__', '?')}"
         raise ValueError(
             f"the weight of covered layer(s) {names} is used by {what}, which projected_grads "
-            "cannot project (only the layer's own linear/conv/embedding call is); its gradient "
+            "and capture cannot project (only the layer's own linear/conv/embedding call is); "
+            "its gradient "
             "would be incomplete. Exclude the layer from the spec (logra(..., layers=[...]))"
         )
 
