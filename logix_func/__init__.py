@@ -27,7 +27,7 @@ from ._fisher import fisher_logs, sample_targets
 from ._grads import per_sample_grads
 from ._ids import DuplicateIdError, IndexedDataset, check_unique, content_ids, index_ids, string_ids
 from ._influence import TopK, influence, influence_chunks, self_influence, top_k
-from ._origin import provenance, weights_fingerprint
+from ._origin import check_provenance, provenance, weights_fingerprint
 from ._projected_grads import projected_grads
 from ._projection import ProjectionSpec, logra
 from ._stats import RunningStat, running_covariance, running_mean, running_variance
@@ -99,6 +99,7 @@ __all__ = [
     "index_ids",
     "string_ids",
     "provenance",
+    "check_provenance",
     "weights_fingerprint",
     # running statistics (the curvature transforms' contract)
     "RunningStat",
