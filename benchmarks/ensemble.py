@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--members", type=int, default=5)
     parser.add_argument("--ranks", nargs="+", default=["full", "16"])
     parser.add_argument("--methods", nargs="+", default=["ggn", "ekfac"])
+    parser.add_argument(
+        "--damping", type=float, default=None, help="absolute damping (default: the default rule)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -56,7 +59,9 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 # P_k applied to the queries once (k(q, t) = ⟨P_k g_q, g_t⟩): the members then
                 # hold no factors, which for full-gradient GGNs are gigabytes each
-                query = lf.preconditioner(factors)(lf.projected_grads(model, params, test, spec))
+                query = lf.preconditioner(factors, args.damping)(
+                    lf.projected_grads(model, params, test, spec)
+                )
                 del factors
                 members.append(lf.Member(train))
                 queries.append(query)
