@@ -21,33 +21,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from kronfluence.analyzer import Analyzer, prepare_model
-from kronfluence.arguments import FactorArguments, ScoreArguments
-from kronfluence.task import Task
 from torch.utils.data import TensorDataset
 
 import logix_func as lf
+from benchmarks.compare.kronfluence_ekfac import Classification, ekfac_scores
 from benchmarks.ground_truth.loo_logreg_constant import constant_split
 from logix_func.demo import digits
 from logix_func.pipeline import fit_curvature
 
 DATA = Path(__file__).parents[2] / "tests" / "data" / "loo_logreg_constant.npz"
 BATCH = 325
-
-
-class Classification(Task):
-    def compute_train_loss(self, batch, model, sample=False):
-        x, y = batch
-        logits = model(x)
-        if sample:
-            with torch.no_grad():
-                y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-        return F.cross_entropy(logits, y, reduction="sum")
-
-    def compute_measurement(self, batch, model):
-        x, y = batch
-        return F.cross_entropy(model(x), y, reduction="sum")
 
 
 def kronfluence_ekfac(model, train, query, workdir, damping, seed):
@@ -57,23 +41,9 @@ def kronfluence_ekfac(model, train, query, workdir, damping, seed):
     # Kronfluence replaces a parent's modules in place: give it a copy inside a container
     wrapped = prepare_model(torch.nn.Sequential(copy.deepcopy(model)), task)
     analyzer = Analyzer("ekfac", wrapped, task, cpu=True, disable_tqdm=True, output_dir=workdir)
-    analyzer.fit_all_factors(
-        "ekfac",
-        dataset=TensorDataset(*train),
-        per_device_batch_size=BATCH,
-        factor_args=FactorArguments(strategy="ekfac"),
-        overwrite_output_dir=True,
-    )
-    analyzer.compute_pairwise_scores(
-        "scores",
-        "ekfac",
-        query_dataset=TensorDataset(*query),
-        train_dataset=TensorDataset(*train),
-        per_device_query_batch_size=BATCH,
-        per_device_train_batch_size=BATCH,
-        score_args=ScoreArguments(damping_factor=damping),
-        overwrite_output_dir=True,
-    )
+    scores = ekfac_scores(
+        analyzer, TensorDataset(*train), TensorDataset(*query), BATCH, damping=damping
+    ).double()
     raw = {
         **analyzer.load_covariance_matrices("ekfac"),
         **analyzer.load_eigendecomposition("ekfac"),
@@ -90,7 +60,6 @@ def kronfluence_ekfac(model, train, query, workdir, damping, seed):
         "QS": one("gradient_eigenvectors"),
         "eigenvalues": one("lambda_matrix") / one("num_lambda_processed"),
     }
-    scores = analyzer.load_pairwise_scores("scores")["all_modules"].double()
     return layer, scores
 
 

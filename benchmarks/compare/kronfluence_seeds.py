@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from kronfluence.analyzer import Analyzer, prepare_model
-from kronfluence.arguments import FactorArguments, ScoreArguments
 from torch.utils.data import TensorDataset
 
 import logix_func as lf
-from benchmarks.compare.ekfac_factors import BATCH, Classification
+from benchmarks.compare.ekfac_factors import BATCH
+from benchmarks.compare.kronfluence_ekfac import Classification, ekfac_scores
 from benchmarks.lds_default import load
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,24 +44,7 @@ def main() -> None:
         analyzer = Analyzer(
             "ekfac", model, task, cpu=True, disable_tqdm=True, output_dir=f"{args.workdir}/{seed}"
         )
-        analyzer.fit_all_factors(
-            "ekfac",
-            dataset=train,
-            per_device_batch_size=BATCH,
-            factor_args=FactorArguments(strategy="ekfac"),
-            overwrite_output_dir=True,
-        )
-        analyzer.compute_pairwise_scores(
-            "scores",
-            "ekfac",
-            query_dataset=query,
-            train_dataset=train,
-            per_device_query_batch_size=BATCH,
-            per_device_train_batch_size=BATCH,
-            score_args=ScoreArguments(damping_factor=None),
-            overwrite_output_dir=True,
-        )
-        scores = analyzer.load_pairwise_scores("scores")["all_modules"]
+        scores = ekfac_scores(analyzer, train, query, BATCH)
         values.append(lf.lds(scores, masks, outputs)[0])
         print(f"seed {seed}: LDS {values[-1]:.3f}", flush=True)
     mean, sd = torch.tensor(values).mean().item(), torch.tensor(values).std(correction=0).item()

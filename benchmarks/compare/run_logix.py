@@ -20,6 +20,11 @@ import logix
 import torch
 import torch.nn.functional as F
 from common import Recorder, batches, build_model, load_problem, parse_args
+from logix_ekfac import ekfac_scores
+
+
+def summed_loss(model, x, y):
+    return F.cross_entropy(model(x), y, reduction="sum")
 
 
 def main() -> None:
@@ -41,27 +46,9 @@ def main() -> None:
     scheduler = logix.LogIXScheduler(
         run, lora="random" if lora else "none", hessian="ekfac", save="grad"
     )
-    stage_of = ["curvature", "extract"]
-    for epoch in scheduler:
-        with rec.stage(stage_of[epoch]):
-            offset = 0
-            for x, y in train:
-                with run(data_id=list(range(offset, offset + len(x)))):
-                    model.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x), y, reduction="sum").backward()
-                offset += len(x)
-            run.finalize()
-    with rec.stage("score"):
-        run.eval()
-        run.setup({"grad": ["log"]})
-        with run(data_id=[f"q{i}" for i in range(len(x_query))]):
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x_query), y_query, reduction="sum").backward()
-        loader = run.build_log_dataloader(batch_size=args.batch_size)
-        result = run.compute_influence_all(run.get_log(), loader)
-        columns = torch.as_tensor([int(i) for i in result["tgt_ids"]])
-        scores = torch.empty_like(result["influence"])
-        scores[:, columns] = result["influence"]
+    scores = ekfac_scores(
+        run, scheduler, model, train, (x_query, y_query), summed_loss, args.batch_size, rec.stage
+    )
     rec.finish(args.result, scores, args.workdir, logix=logix.__version__)
 
 

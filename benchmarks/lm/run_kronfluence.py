@@ -15,11 +15,11 @@ import kronfluence
 import torch
 import torch.nn.functional as F
 from kronfluence.analyzer import Analyzer, prepare_model
-from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.task import Task
 from torch.utils.data import TensorDataset
 
 from benchmarks.compare.common import Recorder, load_problem, parse_args
+from benchmarks.compare.kronfluence_ekfac import ekfac_scores
 from benchmarks.lm.problem import build_model
 
 
@@ -49,26 +49,7 @@ def main() -> None:
     task = LanguageModeling()
     model = prepare_model(model, task)
     analyzer = Analyzer("lm", model, task, cpu=True, disable_tqdm=True, output_dir=args.workdir)
-    with rec.stage("curvature"):
-        analyzer.fit_all_factors(
-            "ekfac",
-            dataset=train,
-            per_device_batch_size=args.batch_size,
-            factor_args=FactorArguments(strategy="ekfac"),
-            overwrite_output_dir=True,
-        )
-    with rec.stage("score"):
-        analyzer.compute_pairwise_scores(
-            "scores",
-            "ekfac",
-            query_dataset=query,
-            train_dataset=train,
-            per_device_query_batch_size=args.batch_size,
-            per_device_train_batch_size=args.batch_size,
-            score_args=ScoreArguments(damping_factor=None),
-            overwrite_output_dir=True,
-        )
-        scores = analyzer.load_pairwise_scores("scores")["all_modules"]
+    scores = ekfac_scores(analyzer, train, query, args.batch_size, stage=rec.stage)
     rec.finish(args.result, scores, args.workdir, kronfluence=kronfluence.__version__)
 
 

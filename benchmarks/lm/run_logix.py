@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 
 import logix
-import torch
 import torch.nn.functional as F
 
 from benchmarks.compare.common import Recorder, load_problem, parse_args
+from benchmarks.compare.logix_ekfac import ekfac_scores
 from benchmarks.lm.problem import build_model, window_batches
 
 
@@ -28,10 +28,7 @@ def main() -> None:
     problem = load_problem(args.problem)
     model = build_model(problem["params"])
     train = window_batches(problem["train"], args.batch_size)
-    (x_query, y_query), n_query = (
-        window_batches(problem["query"], len(problem["query"]))[0],
-        len(problem["query"]),
-    )
+    query = window_batches(problem["query"], len(problem["query"]))[0]  # one batch: all
     rank = args.options.get("rank", 64)
     config = os.path.join(args.workdir, "config.yaml")
     with open(config, "w") as f:
@@ -41,27 +38,9 @@ def main() -> None:
     run = logix.LogIX(project="lm", config=config)
     run.watch(model)
     scheduler = logix.LogIXScheduler(run, lora="random", hessian="ekfac", save="grad")
-    stage_of = ["curvature", "extract"]
-    for epoch in scheduler:
-        with rec.stage(stage_of[epoch]):
-            offset = 0
-            for x, y in train:
-                with run(data_id=list(range(offset, offset + len(x)))):
-                    model.zero_grad(set_to_none=True)
-                    summed_loss(model, x, y).backward()
-                offset += len(x)
-            run.finalize()
-    with rec.stage("score"):
-        run.eval()
-        run.setup({"grad": ["log"]})
-        with run(data_id=[f"q{i}" for i in range(n_query)]):
-            model.zero_grad(set_to_none=True)
-            summed_loss(model, x_query, y_query).backward()
-        loader = run.build_log_dataloader(batch_size=args.batch_size)
-        result = run.compute_influence_all(run.get_log(), loader)
-        columns = torch.as_tensor([int(i) for i in result["tgt_ids"]])
-        scores = torch.empty_like(result["influence"])
-        scores[:, columns] = result["influence"]
+    scores = ekfac_scores(
+        run, scheduler, model, train, query, summed_loss, args.batch_size, rec.stage
+    )
     rec.finish(args.result, scores, args.workdir, logix=logix.__version__)
 
 
