@@ -210,6 +210,11 @@ def all_reduce_state(state: Mapping[str, Any], group: Group) -> dict[str, Any]:
         return dict(state)
     if "spec" not in state and is_stat_state(state):
         return all_reduce_stat(state, group)
+    if any(k.startswith("row_") for layer in state["layers"].values() for k in layer):
+        raise ValueError(
+            "cannot all-reduce a dual GGN's state: its rows are appended, not summed; gather "
+            "the ranks' states and merge_states them, or fit it in one process"
+        )
     import torch.distributed as dist
 
     leaves = _tensors(state)

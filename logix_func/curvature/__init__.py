@@ -9,10 +9,12 @@ here, loaded on first use (PEP 562) so that importing this package never imports
 from importlib import import_module
 from typing import Any
 
+from ._dual import dual_ggn
 from ._ekfac import ekfac
 from ._joint import joint_ggn
 from ._kfac import kfac
 from ._precondition import (
+    DualInverse,
     IdentityPreconditioner,
     JointInverse,
     LayerInverse,
@@ -36,6 +38,7 @@ __all__ = [
     "ekfac",
     "raw",
     "joint_ggn",
+    "dual_ggn",
     # the contract
     "Transform",
     "CurvatureLogs",
@@ -45,6 +48,7 @@ __all__ = [
     "IdentityPreconditioner",
     "LayerInverse",
     "JointInverse",
+    "DualInverse",
     # states
     "merge_states",
     "save_state",

@@ -14,6 +14,8 @@ from ..typing import ProjectedGrads
 from ._joint import JOINT_DAMPING, joint_layout
 from .transform import CurvatureFactors, check_layers
 
+_DUAL_KEYS = {"row_acts", "row_backs", "row_grads"}
+
 
 class LayerInverse(ABC):
     """``g -> (H + λI)⁻¹ g`` for one layer, one subclass per form of its factors.
@@ -107,12 +109,13 @@ class CholeskyInverse(LayerInverse):
 
 
 class JointInverse:
-    """The joint GGN of several layers (block rows ``C[l, :]``, :func:`~logix_func.curvature.
-    joint_ggn`): ``g -> (C + diag(λ_l))⁻¹ g`` over the layers' concatenated flattened
-    gradients, through one Cholesky factor in float64 (``8 K²`` bytes; the rows are read in
-    place, the factor overwrites its own copy). Layer ``l``'s damping ``λ_l`` shifts its own
-    diagonal block, so without cross-layer blocks this is the per-layer GGN; its mean
-    eigenvalue is ``trace(C_ll) / k_l``. The default damping is ``JOINT_DAMPING`` × it."""
+    """The joint GGN of several layers (block rows ``C[l, :]``,
+    :func:`~logix_func.curvature.joint_ggn`): ``g -> (C + diag(λ_l))⁻¹ g`` over the layers'
+    concatenated flattened gradients, through one Cholesky factor in float64 (``8 K²``
+    bytes; the rows are read in place, the factor overwrites its own copy). Layer ``l``'s
+    damping ``λ_l`` shifts its own diagonal block, so without cross-layer blocks this is the
+    per-layer GGN; its mean eigenvalue is ``trace(C_ll) / k_l``. The default damping is
+    ``JOINT_DAMPING`` × it."""
 
     def __init__(self, rows: Mapping[str, Tensor]):
         self.rows = dict(rows)
@@ -153,6 +156,110 @@ class JointInverse:
         }
 
 
+class DualInverse:
+    """The joint GGN of several layers in its dual form (rows ``φ_r``,
+    :func:`~logix_func.curvature.dual_ggn`): ``g -> (ΦᵀΦ + Λ)⁻¹ g = Λ⁻¹ (g − Φᵀ S⁻¹ Φ Λ⁻¹ g)`` with
+    ``S = I + Σ_l K_l / λ_l`` ``[R, R]`` and ``K_l = Φ_l Φ_lᵀ``, through one Cholesky factor of
+    ``S`` in float64 (``8 R²`` bytes; ``S ⪰ I``, and the products with the rows are in their
+    own dtype). The same matrix and damping as :class:`JointInverse`, for ``R`` rows instead
+    of ``K`` entries; every ``λ_l`` must be > 0 (``Λ⁻¹``)."""
+
+    def __init__(self, rows: Mapping[str, Mapping[str, Tensor]]):
+        self.names = sorted(rows)
+        self.rows = {n: dict(rows[n]) for n in self.names}
+        counts = {n: next(iter(r.values())).shape[0] for n, r in self.rows.items()}
+        if len(set(counts.values())) > 1:
+            raise ValueError(
+                f"dual GGN rows of different counts {counts}: pass every layer's factors of "
+                "one dual fit"
+            )
+
+    def mean_eigenvalue(self, name: str) -> float:
+        """``trace(G_ll) / k_l = Σ_r ‖φ_rl‖² / k_l``."""
+        r = self.rows[name]
+        if "row_grads" in r:
+            return (r["row_grads"].square().sum() / r["row_grads"][0].numel()).item()
+        acts, backs = r["row_acts"], r["row_backs"]
+        total = (acts.square().sum(1) * backs.square().sum(1)).sum()
+        return (total / (acts.shape[1] * backs.shape[1])).item()
+
+    def add_kernel(self, s: Tensor, name: str, scale: float) -> None:
+        """``s += scale · K_l``, ``K_l = Φ_l Φ_lᵀ`` ``[R, R]``, a block of rows at a time."""
+        r = {k: v.to(torch.float64) for k, v in self.rows[name].items()}
+        flat = r["row_grads"].flatten(1) if "row_grads" in r else None
+        for block in torch.arange(len(s), device=s.device).split(1024):
+            if flat is not None:
+                part = flat[block] @ flat.T
+            else:
+                acts, backs = r["row_acts"], r["row_backs"]
+                part = (acts[block] @ acts.T).mul_(backs[block] @ backs.T)
+            s[block] += part.mul_(scale)
+
+    def factorize(self, damping: Mapping[str, float]) -> None:
+        """Lower Cholesky factor of ``S``; ``λ_l`` must be > 0."""
+        zero = [n for n in self.names if not damping[n] > 0]
+        if zero:
+            raise ValueError(
+                f"layers {zero}: the dual GGN's solve divides by each layer's damping, got "
+                f"{ {n: damping[n] for n in zero} }: pass a damping > 0 (or fit "
+                "method='joint_ggn', whose Cholesky factor takes λ = 0 where C is definite)"
+            )
+        self.damping = {n: float(damping[n]) for n in self.names}
+        first = self.rows[self.names[0]]
+        count = next(iter(first.values())).shape[0]
+        s = torch.eye(count, dtype=torch.float64, device=next(iter(first.values())).device)
+        for name in self.names:
+            self.add_kernel(s, name, 1.0 / self.damping[name])
+        factor, info = torch.linalg.cholesky_ex(s)
+        if info.item() != 0:
+            raise ValueError(f"layers {self.names}: the dual GGN's I + ΦΛ⁻¹Φᵀ is not definite")
+        self.cholesky = factor
+
+    def __call__(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``(ΦᵀΦ + Λ)⁻¹`` applied to the member layers' ``[*batch, k_out, k_in]``."""
+        dtype = next(iter(self.rows[self.names[0]].values())).dtype
+        scaled = {
+            n: grads[n].reshape(-1, *grads[n].shape[-2:]).to(dtype) / self.damping[n]
+            for n in self.names
+        }
+        u = sum(_project(self.rows[n], scaled[n]) for n in self.names)  # Φ Λ⁻¹ g  [b, R]
+        w = torch.cholesky_solve(u.T.to(torch.float64), self.cholesky).T.to(dtype)
+        return {
+            n: (scaled[n] - _expand(self.rows[n], w) / self.damping[n])
+            .reshape(grads[n].shape)
+            .to(grads[n].dtype)
+            for n in self.names
+        }
+
+
+# entries of the [b, k_out, R] intermediate per chunk of the batch (128 MiB in float32)
+_CHUNK_ENTRIES = 2**25
+
+
+def _chunk(backs: Tensor) -> int:
+    """Batch entries per chunk so that ``[b, k_out, R]`` stays within ``_CHUNK_ENTRIES``."""
+    return max(1, _CHUNK_ENTRIES // max(backs.numel(), 1))
+
+
+def _project(rows: Mapping[str, Tensor], g: Tensor) -> Tensor:
+    """``Φ_l g`` ``[b, R]``: ``⟨φ_r, g⟩ = b_rᵀ g a_r`` for ``g`` ``[b, k_out, k_in]``."""
+    if "row_grads" in rows:
+        return g.flatten(1) @ rows["row_grads"].flatten(1).T
+    acts, backs = rows["row_acts"], rows["row_backs"]
+    step = _chunk(backs)
+    return torch.cat([((c @ acts.T) * backs.T).sum(1) for c in g.split(step)])
+
+
+def _expand(rows: Mapping[str, Tensor], w: Tensor) -> Tensor:
+    """``Φ_lᵀ w`` ``[b, k_out, k_in]``: ``Σ_r w_r b_r a_rᵀ`` for ``w`` ``[b, R]``."""
+    if "row_grads" in rows:
+        grads = rows["row_grads"]
+        return (w @ grads.flatten(1)).reshape(-1, *grads.shape[1:])
+    acts, backs = rows["row_acts"], rows["row_backs"]
+    step = _chunk(backs)
+    return torch.cat([(backs.T * c[:, None, :]) @ acts for c in w.split(step)])
+
+
 def layer_inverse(name: str, factors: Mapping[str, Tensor]) -> LayerInverse:
     """The :class:`LayerInverse` of one layer's factors, by their form."""
     if {"QS", "QA", "eigenvalues"} <= factors.keys():
@@ -176,7 +283,8 @@ class Preconditioner:
     of ``C + λI``; its mean eigenvalue is ``trace(C) / k``. Each layer's form picks its
     :class:`LayerInverse` (:func:`layer_inverse`), so factors of several forms mix. Layers
     with joint GGN rows (``fit_curvature(method="joint_ggn")``) are solved together by one
-    :class:`JointInverse`.
+    :class:`JointInverse`, those of a dual GGN (``method="dual_ggn"``) by one
+    :class:`DualInverse`.
 
     ``damping``: ``None`` = 0.1 × the mean eigenvalue of *each* layer (``JOINT_DAMPING`` = 1 ×
     it for the layers of a joint GGN, whose cross-layer blocks leave more directions that the
@@ -195,7 +303,14 @@ class Preconditioner:
         self.layers = factors["layers"]
         self.provenance = factors_provenance(factors)
         rows = {n: f["rows"] for n, f in self.layers.items() if "rows" in f}
-        self.joint = JointInverse(rows) if rows else None
+        dual = {n: f for n, f in self.layers.items() if _DUAL_KEYS & f.keys()}
+        if rows and dual:
+            raise ValueError(
+                f"factors mix joint GGN rows {sorted(rows)} and dual GGN rows {sorted(dual)}: "
+                "pass the factors of one fit"
+            )
+        self.joint = JointInverse(rows) if rows else DualInverse(dual) if dual else None
+        rows = rows or dual
         self.inverses = {n: layer_inverse(n, f) for n, f in self.layers.items() if n not in rows}
         if isinstance(damping, Mapping):
             check_layers(self.layers, damping, "damping layers")

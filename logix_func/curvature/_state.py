@@ -23,12 +23,20 @@ def _check_same(a: Any, b: Any, path: str) -> None:
             raise ValueError(f"cannot merge curvature states: keys differ at {path or 'top level'}")
         for k in a:
             _check_same(a[k], b[k], f"{path}.{k}" if path else k)
-    elif isinstance(a, Tensor) and (not isinstance(b, Tensor) or a.shape != b.shape):
+    elif isinstance(a, Tensor) and (
+        not isinstance(b, Tensor) or _shape(a, path) != _shape(b, path)
+    ):
         raise ValueError(f"cannot merge curvature states: {path} has different shapes")
 
 
+def _shape(t: Tensor, path: str) -> tuple[int, ...]:
+    """The shape two states must share: a dual GGN's rows (``row_*``) only past their count."""
+    return tuple(t.shape[1:]) if path.rsplit(".", 1)[-1].startswith("row_") else tuple(t.shape)
+
+
 def merge_states(*states: State[Any]) -> State[Any]:
-    """Sum of curvature states from several chunks or processes (the ``spec`` tag must agree).
+    """Sum of curvature states from several chunks or processes (the ``spec`` tag must agree);
+    a dual GGN's rows (``row_*``) are concatenated in the order of ``states``.
 
     Because every update is a sum, ``merge_states(update(s0, a), update(s0, b))`` equals
     ``update(update(s0, a), b)`` up to the initial state counted twice: merge states that each
@@ -43,12 +51,14 @@ def merge_states(*states: State[Any]) -> State[Any]:
         if not torch.equal(first["spec"], s["spec"]):
             raise ValueError("cannot merge curvature states built for different projection specs")
 
-    def add(*leaves: Any) -> Any:
+    def add(key: str, *leaves: Any) -> Any:
         if isinstance(leaves[0], Mapping):
-            return {k: add(*(leaf[k] for leaf in leaves)) for k in leaves[0]}
+            return {k: add(k, *(leaf[k] for leaf in leaves)) for k in leaves[0]}
+        if key.startswith("row_"):  # a dual GGN's rows: appended, not summed
+            return torch.cat(leaves)
         return sum(leaves[1:], leaves[0])
 
-    merged = {k: add(*(s[k] for s in states)) for k in first if k != "spec"}
+    merged = {k: add(k, *(s[k] for s in states)) for k in first if k != "spec"}
     return {"spec": first["spec"], **merged}
 
 

@@ -177,6 +177,27 @@ class JointRowFactors(TypedDict):
     rows: Float[Tensor, "k K"]
 
 
+class DualRowState(TypedDict):
+    """The dual GGN's: the rows so far, ``row_acts`` ``[R, k_in]`` and ``row_backs``
+    ``[R, k_out]`` (one token per sample) or ``row_grads`` ``[R, k_out, k_in]``, and the
+    sample count."""
+
+    row_acts: NotRequired[Float[Tensor, "R k_in"]]
+    row_backs: NotRequired[Float[Tensor, "R k_out"]]
+    row_grads: NotRequired[Float[Tensor, "R k_out k_in"]]
+    samples: Float[Tensor, ""]
+
+
+class DualRowFactors(TypedDict):
+    """The dual GGN: this layer's rows scaled by ``1/√N`` (``G_ll = Σ_r φ_r φ_rᵀ``), as
+    ``row_acts`` ``[R, k_in]`` and ``row_backs`` ``[R, k_out]`` or as ``row_grads``
+    ``[R, k_out, k_in]``; row ``r`` is the same draw in every layer."""
+
+    row_acts: NotRequired[Float[Tensor, "R k_in"]]
+    row_backs: NotRequired[Float[Tensor, "R k_out"]]
+    row_grads: NotRequired[Float[Tensor, "R k_out k_in"]]
+
+
 class AlongsideState(TypedDict):
     """:func:`alongside`'s: the main transform's state and the extra one's layers."""
 
@@ -185,7 +206,7 @@ class AlongsideState(TypedDict):
     extra: dict[str, Any]
 
 
-LayerFactors = KroneckerFactors | EigenFactors | DenseFactors | JointRowFactors
+LayerFactors = KroneckerFactors | EigenFactors | DenseFactors | JointRowFactors | DualRowFactors
 KfacState = State[KfacLayerState]
 EkfacState = State[EkfacLayerState]
 RawState = State[RawLayerState]
