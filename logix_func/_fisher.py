@@ -196,6 +196,11 @@ def resolved_fisher(
     return _resolved(model, params, batch, fisher, loss_fn, label_sampler)[0]
 
 
+def exact_draws(model: nn.Module, params: Mapping[str, Tensor], batch: Any) -> int:
+    """``D`` of the exact Fisher on ``batch``: one draw per output class."""
+    return _logits(model, params, ModelBatch.from_batch(batch)).shape[-1]
+
+
 def _resolved(
     model: nn.Module,
     params: Mapping[str, Tensor],

@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 from ._batch import ModelBatch
 from ._cache import cached, curvature_record
 from ._capture import capture_shapes
-from ._fisher import LabelSampler, fisher_logs, resolved_fisher
+from ._fisher import LabelSampler, exact_draws, fisher_logs, resolved_fisher
 from ._ids import indexed_loader
 from ._origin import loss_name, stamped, weights_fingerprint
 from ._projected_grads import projected_grads
-from .curvature import ekfac, joint_ggn, kfac, raw
+from .curvature import dual_ggn, ekfac, joint_ggn, kfac, raw
 from .curvature._kfac import Fisher
 from .curvature.transform import CurvatureFactors, CurvatureLogs, Transform, alongside
 from .distributed import (
@@ -43,7 +43,7 @@ from .store.kvstore import Location
 from .typing import Rows, Spec
 
 IdsFn = Callable[[Any, int], Tensor | list]
-Method = Literal["kfac", "ekfac", "raw", "ggn", "joint_ggn", "auto"]
+Method = Literal["kfac", "ekfac", "raw", "ggn", "joint_ggn", "dual_ggn", "auto"]
 
 
 def position_ids(batch: Any, offset: int) -> Tensor:
@@ -291,6 +291,9 @@ EKFAC_SEED_OFFSET = 2**31
 # take at most AUTO_GGN_BUDGET bytes (1 GiB: 16 layers of the largest k); EKFAC for the others.
 AUTO_GGN_MAX = 4096
 AUTO_GGN_BUDGET = 2**30
+# method="auto" where a layer is wider than that: the dual GGN of all layers when its rows
+# R = samples × classes are at most AUTO_DUAL_ROWS (its R × R Cholesky factor: 2 GiB in float64)
+AUTO_DUAL_ROWS = 16384
 
 
 def fit_curvature(
@@ -320,14 +323,20 @@ def fit_curvature(
     models); the empirical Fisher is not a GGN and is refused. ``"joint_ggn"``: the same
     Gauss-Newton matrix of *all* layers together, cross-layer blocks included
     (:func:`~logix_func.curvature.joint_ggn`: ``K²`` floats for ``K = Σ_l k_l``, one pass),
-    solved jointly by the preconditioner. ``"auto"`` (the default): where the Fisher is the
-    exact expectation over the labels (``fisher="exact"``, or ``"auto"`` resolving to it on the
-    loader's first batch: ``(inputs, targets)`` batches, the default loss, few classes), the
-    GGN for the layers with ``k ≤ AUTO_GGN_MAX`` (4096: ``C`` ≤ 64 MiB), smallest first within
-    ``AUTO_GGN_BUDGET`` (1 GiB for all ``C``), and EKFAC for the others, whose second pass
-    also accumulates the GGN layers; all layers taken: ``"ggn"``. Elsewhere (sampled labels:
-    language models, many classes, a ``label_sampler``; the empirical Fisher) it is exactly
-    ``"ekfac"``. On the tuning set the GGN beats EKFAC (LDS 0.81 vs 0.69, docs/validation.md).
+    solved jointly by the preconditioner. ``"dual_ggn"``: that matrix kept as its rows, the
+    Fisher draws' gradients (:func:`~logix_func.curvature.dual_ggn`: ``R = N·D`` rows, solved
+    in the ``R × R`` sample space), for full gradients of wide layers; one process only.
+    ``"auto"`` (the default): where the Fisher is the exact expectation over the labels
+    (``fisher="exact"``, or ``"auto"`` resolving to it on the loader's first batch:
+    ``(inputs, targets)`` batches, the default loss, few classes), the per-layer GGN (``"ggn"``)
+    when every layer has ``k ≤ AUTO_GGN_MAX`` (4096: ``C`` ≤ 64 MiB) within
+    ``AUTO_GGN_BUDGET`` (1 GiB for all ``C``); else, without a ``group``, the dual GGN of all
+    layers when its rows, at most ``len(loader)`` × the first batch's size × classes, number at
+    most ``AUTO_DUAL_ROWS`` (16384: a 2 GiB factor); else the GGN for the layers that fit,
+    smallest first, and EKFAC for the others, whose second pass also accumulates the GGN layers.
+    Elsewhere (sampled labels: language models, many classes, a ``label_sampler``; the
+    empirical Fisher) it is exactly ``"ekfac"``. On the tuning set the GGN beats EKFAC (LDS 0.81
+    vs 0.69, docs/validation.md).
 
     ``label_sampler``: with a custom ``loss_fn``, draws the labels for ``fisher="true"`` or
     ``"auto"`` (see :func:`~logix_func.fisher_logs`).
@@ -364,7 +373,7 @@ def fit_curvature(
         )
         return cached(cache, f"curvature-{method}", record, fit)
     device = next(iter(params.values())).device
-    resolved = fisher
+    resolved, rows = fisher, None
     if method == "auto":  # the GGN only under the exact expectation: resolve it up front
         if iter(loader) is loader:
             raise TypeError(
@@ -376,7 +385,15 @@ def fit_curvature(
         if first is not None:
             options = dict(loss_fn=loss_fn, label_sampler=label_sampler)
             resolved = resolved_fisher(model, params, first, fisher, **options)
-    stages = curvature_stages(spec, method, resolved)
+            if resolved == "exact" and group is None and hasattr(loader, "__len__"):
+                size = ModelBatch.from_batch(first).size
+                rows = len(loader) * size * exact_draws(model, params, first)
+    if method == "dual_ggn" and group is not None:
+        raise ValueError(
+            "method='dual_ggn' keeps every sample's rows, which a process group cannot sum: fit "
+            "it in one process (or gather the ranks' states and merge_states them)"
+        )
+    stages = curvature_stages(spec, method, resolved, rows)
 
     def passes(desc: str, offset: int) -> Iterator[CurvatureLogs]:
         batches = rank_batches(loader, group)
@@ -428,22 +445,28 @@ def auto_ggn_layers(dims: Mapping[str, tuple[int, int]]) -> list[str]:
     return [n for n in dims if n in taken]
 
 
-def curvature_stages(spec: Spec, method: Method, fisher: Fisher) -> list[Stage]:
+def curvature_stages(
+    spec: Spec, method: Method, fisher: Fisher, rows: int | None = None
+) -> list[Stage]:
     """The passes ``fit_curvature(method=..., fisher=...)`` makes: ``"kfac"`` one, ``"ekfac"``
-    KFAC then EKFAC (with ``"auto"``'s GGN layers riding along in the second), ``"raw"`` and
-    ``"ggn"`` one covariance pass. ``"auto"`` takes GGN layers only under ``fisher="exact"``
-    (:func:`fit_curvature` passes ``"auto"`` resolved on the first batch); else ``"ekfac"``."""
+    KFAC then EKFAC (with ``"auto"``'s GGN layers riding along in the second), ``"raw"``,
+    ``"ggn"``, ``"joint_ggn"`` and ``"dual_ggn"`` one pass. ``"auto"`` takes GGN layers only
+    under ``fisher="exact"`` (:func:`fit_curvature` passes ``"auto"`` resolved on the first
+    batch): all per layer where they fit, else the dual GGN where its ``rows`` (at most
+    ``samples × classes``; ``None``: unknown) fit, else EKFAC with the GGN layers alongside."""
     dense: list[str] = []
     if method == "auto":
         dims = spec.dims()
         dense = auto_ggn_layers(dims) if fisher == "exact" else []
-        if not dense:
+        if fisher != "exact":
             method = "ekfac"
         elif len(dense) == len(dims):
             method, dense = "ggn", []
+        elif rows is not None and rows <= AUTO_DUAL_ROWS:
+            method, dense = "dual_ggn", []
         else:
             method = "ekfac"
-    if method in ("ggn", "joint_ggn") and fisher == "empirical":
+    if method in ("ggn", "joint_ggn", "dual_ggn") and fisher == "empirical":
         raise ValueError(
             f"method={method!r} needs the model's own label distribution: use fisher='auto' "
             "(default), 'exact' or 'true'; for the empirical Fisher's covariance use method='raw'"
@@ -452,9 +475,12 @@ def curvature_stages(spec: Spec, method: Method, fisher: Fisher) -> list[Stage]:
         return [Stage(f"{method} covariance", lambda _: raw(eigh=method == "raw"))]
     if method == "joint_ggn":
         return [Stage("joint GGN", lambda _: joint_ggn())]
+    if method == "dual_ggn":
+        return [Stage("dual GGN", lambda _: dual_ggn())]
     if method not in ("kfac", "ekfac"):
         raise ValueError(
-            f"method must be 'kfac', 'ekfac', 'raw', 'ggn', 'joint_ggn' or 'auto', got {method!r}"
+            "method must be 'kfac', 'ekfac', 'raw', 'ggn', 'joint_ggn', 'dual_ggn' or 'auto', "
+            f"got {method!r}"
         )
     stages = [Stage("KFAC", lambda _: kfac(fisher))]
     if method == "ekfac":

@@ -277,7 +277,8 @@ def test_ggn_method_is_the_dense_per_layer_ggn_in_the_projected_space(rank):
 
 def test_auto_method_takes_the_dense_ggn_where_it_fits_and_ekfac_elsewhere(monkeypatch):
     """``method="auto"``: the dense GGN block for layers with ``k ≤ AUTO_GGN_MAX``, EKFAC's
-    factors for the others, one preconditioner over both."""
+    factors for the others, one preconditioner over both (where the dual GGN's rows do not
+    fit: ``tests/test_dual_ggn.py`` covers where they do)."""
     from logix_func import pipeline
 
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))  # k = 25 and 18
@@ -289,6 +290,7 @@ def test_auto_method_takes_the_dense_ggn_where_it_fits_and_ekfac_elsewhere(monke
     def fit(method):
         return pipeline.fit_curvature(model, params, loader, spec, method=method, progress=False)
 
+    monkeypatch.setattr(pipeline, "AUTO_DUAL_ROWS", 0)
     monkeypatch.setattr(pipeline, "AUTO_GGN_MAX", 20)
     auto, ekfac = fit("auto"), fit("ekfac")
     want = dense_ggn_blocks(model, x, y)["2"]

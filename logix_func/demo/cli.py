@@ -94,11 +94,12 @@ def _parser() -> _Parser:
     )
     demo.add_argument(
         "--preconditioner",
-        choices=["ekfac", "kfac", "raw", "ggn", "joint_ggn", "auto", "identity"],
+        choices=["ekfac", "kfac", "raw", "ggn", "joint_ggn", "dual_ggn", "auto", "identity"],
         default="auto",
         help="curvature applied to the query gradients (ggn: the exact per-layer GGN in the "
-        "projected space; joint_ggn: the GGN of all layers together; auto: the GGN where a "
-        "layer's block is small and the Fisher is exact, EKFAC elsewhere)",
+        "projected space; joint_ggn: the GGN of all layers together; dual_ggn: the same, kept "
+        "as its samples' rows; auto: where the Fisher is exact, the per-layer GGN where every "
+        "block is small, else the dual GGN where samples × classes are few; else EKFAC)",
     )
     demo.add_argument(
         "--fisher",

@@ -51,7 +51,7 @@ from ..pipeline import (
 from ..store import LogStore
 from ..typing import Rows
 
-Method = Literal["kfac", "ekfac", "raw", "ggn", "joint_ggn", "auto", "none"]
+Method = Literal["kfac", "ekfac", "raw", "ggn", "joint_ggn", "dual_ggn", "auto", "none"]
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,14 @@ class AttributionArguments:
         layers: module names or glob patterns to cover (``"model.layers.*.mlp.*"``,
             ``"*.weight"``); ``None`` = every projectable layer.
         exclude: names or patterns of layers to leave out (e.g. ``["*embed*"]``).
-        method: curvature: ``"auto"`` (default: the GGN where a layer's block is small and
-            the Fisher is the exact expectation over few classes, EKFAC elsewhere — language
+        method: curvature: ``"auto"`` (default: where the Fisher is the exact expectation
+            over few classes, the GGN per layer where every block is small, else of all
+            layers in its dual form where samples × classes are few, else EKFAC — language
             models get EKFAC), ``"ekfac"``, ``"kfac"``, ``"raw"`` (full covariance of each
             layer's projected gradient), ``"ggn"`` (the exact per-layer GGN in the projected
             space), ``"joint_ggn"`` (the GGN of all layers together, cross-layer blocks
-            included) or ``"none"`` (plain gradient dot products); see
+            included), ``"dual_ggn"`` (the same, kept as its samples' rows; one process) or
+            ``"none"`` (plain gradient dot products); see
             :func:`~logix_func.fit_curvature`.
         fisher: ``"auto"`` (exact where cheap, else sampled), ``"true"`` (sampled labels),
             ``"empirical"`` (the data's) or ``"exact"``.
@@ -112,10 +114,19 @@ class AttributionArguments:
     cache: str | dict | Literal[False] | None = None
 
     def __post_init__(self):
-        if self.method not in ("kfac", "ekfac", "raw", "ggn", "joint_ggn", "auto", "none"):
+        if self.method not in (
+            "kfac",
+            "ekfac",
+            "raw",
+            "ggn",
+            "joint_ggn",
+            "dual_ggn",
+            "auto",
+            "none",
+        ):
             raise ValueError(
-                "method must be 'kfac', 'ekfac', 'raw', 'ggn', 'joint_ggn', 'auto' or 'none', "
-                f"got {self.method!r}"
+                "method must be 'kfac', 'ekfac', 'raw', 'ggn', 'joint_ggn', 'dual_ggn', 'auto' "
+                f"or 'none', got {self.method!r}"
             )
         if self.ids != "index" and not callable(self.ids):
             raise ValueError(f"ids must be 'index' or a callable (batch, offset), got {self.ids!r}")
