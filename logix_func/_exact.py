@@ -4,13 +4,16 @@ For a spec layer with gradient matrix ``G [out, in']`` (``[W | b]``, see
 :mod:`logix_func.layers`) and projections ``P_out [k_out, out]``, ``P_in [k_in, in']``, the
 layer's parameters are moved along ``P_outᵀ Z P_in`` with ``Z [k_out, k_in]``; the block is the
 curvature of the mean training loss in ``vec(Z)`` (row-major), ``P H Pᵀ`` with
-``P = P_out ⊗ P_in``. Every other parameter is held fixed, so cross-layer blocks are not formed.
+``P = P_out ⊗ P_in``. Every other parameter is held fixed, so cross-layer blocks are not formed;
+with ``joint=True`` all layers move together along ``z = [vec(Z_1); …; vec(Z_L)]`` (layers in
+sorted order) and the ``[K, K]`` matrix of all of them, cross-layer blocks included, is kept as
+each layer's block row (the factors of :func:`~logix_func.curvature.joint_ggn`).
 
 Built from matrix-vector products against the basis of ``vec(Z)``, ``chunk_size`` directions
 per ``vmap`` call: ``kind="hessian"`` uses forward-over-reverse Hessian-vector products,
 ``kind="ggn"`` the Gauss-Newton products ``Jᵀ H_out J v`` (``J`` the Jacobian of the model's
 outputs, ``H_out`` the Hessian of the loss in the outputs). Cost: ``k = k_out·k_in`` products
-per layer and batch, memory ``[k, k]`` per layer.
+per layer and batch, memory ``[k, k]`` per layer (joint: ``K = Σ_l k_l`` products, ``[K, K]``).
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ def exact_curvature(
     loss_fn: LossFn | None = None,
     chunk_size: int = 128,
     dtype: torch.dtype = torch.float64,
+    joint: bool = False,
 ) -> dict[str, Any]:
-    """Dense per-layer curvature of the mean training loss, as raw factors.
+    """Dense per-layer (or all-layer) curvature of the mean training loss, as raw factors.
 
     Args:
         model: the model; only called through ``functional_call``, never changed.
@@ -58,6 +62,10 @@ def exact_curvature(
         loss_fn: loss of one sample as in :func:`logix_func.per_sample_grads`.
         chunk_size: basis directions per ``vmap`` call (memory: that many forward passes).
         dtype: dtype of the accumulated blocks and of the factors.
+        joint: the matrix of all layers together, cross-layer blocks included, as block rows
+            ``{layer: {"rows": [k_l, K]}}`` (columns in sorted layer order): the preconditioner
+            solves it through one Cholesky factor of ``C + diag(λ_l)``, refusing a damping that
+            leaves an indefinite Hessian so. Small models only: ``K`` products per batch.
 
     Returns:
         ``{"spec": tag, "layers": {layer: {"C": [k, k], "Q": [k, k], "eigenvalues": [k]}}}``,
@@ -75,6 +83,8 @@ def exact_curvature(
     base = {**fixed, **{n: p.detach() for n, p in params.items()}}
     names = _layer_params(model, spec, base)
     movers = {name: _mover(spec, name, names[name], base) for name in spec.layers}
+    if joint:
+        movers = {"": _joint_mover(movers)}
     sums = {
         name: z0.new_zeros(z0.numel(), z0.numel(), dtype=dtype) for name, (_, z0) in movers.items()
     }
@@ -92,6 +102,12 @@ def exact_curvature(
     if samples == 0:
         raise ValueError("exact_curvature got no batches: data is an empty iterable")
     factors = {}
+    if joint:  # block rows of the [K, K] matrix, layers sorted (as joint_ggn's)
+        c = sums[""] / samples
+        dims = sorted(spec.dims().items())
+        rows = ((c + c.T) / 2).split([o * i for _, (o, i) in dims])
+        factors = {name: {"rows": r} for (name, _), r in zip(dims, rows, strict=True)}
+        return stamped({"spec": spec.tag(), "layers": factors}, model, params, loss_fn)
     for name, total in sums.items():
         c = total / samples
         c = (c + c.T) / 2
@@ -155,16 +171,35 @@ def _mover(
     w0 = base[weight]
     p_out, p_in = spec.matrices(name, device=w0.device, dtype=w0.dtype)
 
-    def move(z: Tensor) -> dict[str, Tensor]:
+    def move(z: Tensor, start: Mapping[str, Tensor] = base) -> dict[str, Tensor]:
         m = p_out.T @ z @ p_in  # [out, in']
         dw = m[:, : layer.in_features]
         dw = dw.T if layer.weight_transposed else dw
-        moved = {**base, weight: w0 + dw.reshape(w0.shape)}
+        moved = {**start, weight: start[weight] + dw.reshape(w0.shape)}
         if bias is not None:
-            moved[bias] = base[bias] + m[:, layer.in_features]
+            moved[bias] = start[bias] + m[:, layer.in_features]
         return moved
 
     return move, w0.new_zeros(layer.rank_out, layer.rank_in)
+
+
+def _joint_mover(
+    movers: Mapping[str, tuple[Callable[..., dict[str, Tensor]], Tensor]],
+) -> tuple[Callable[[Tensor], dict[str, Tensor]], Tensor]:
+    """``z [K] -> params`` with every layer moved by its slice of ``z`` (layers sorted), and
+    the zero ``z``."""
+    names = sorted(movers)
+    shapes = [movers[n][1].shape for n in names]
+
+    def move(z: Tensor) -> dict[str, Tensor]:
+        parts = z.split([s.numel() for s in shapes])
+        params = movers[names[0]][0](parts[0].reshape(shapes[0]))
+        for name, part, shape in zip(names[1:], parts[1:], shapes[1:], strict=True):
+            params = movers[name][0](part.reshape(shape), params)
+        return params
+
+    total = sum(s.numel() for s in shapes)
+    return move, movers[names[0]][1].new_zeros(total)
 
 
 def _block(

@@ -242,3 +242,51 @@ def test_bad_inputs_are_refused_with_clear_errors():
         lf.projected_grads(model, params, (x, y), spec)
     )
     assert all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_joint_exact_curvature_is_the_dense_hessian_of_all_layers():
+    """``joint=True``: the Hessian of every layer together (cross-layer blocks included), as
+    block rows, against ``torch.autograd.functional.hessian`` of the flattened ``[W | b]``."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 3, (40,))
+    spec = lf.logra(model, rank=None)
+    data = [(x[:15], y[:15]), (x[15:], y[15:])]
+    factors = lf.exact_curvature(model, params, data, spec, kind="hessian", joint=True)
+    names = sorted(spec.layers)
+    shapes = {
+        n: (params[f"{n}.weight"].shape[0], params[f"{n}.weight"].shape[1] + 1) for n in names
+    }
+
+    def loss(theta):
+        moved, start = {}, 0
+        for n in names:
+            m = theta[start : start + shapes[n][0] * shapes[n][1]].reshape(shapes[n])
+            moved[f"{n}.weight"], moved[f"{n}.bias"] = m[:, :-1], m[:, -1]
+            start += m.numel()
+        return nn.functional.cross_entropy(functional_call(model, moved, (x,)), y)
+
+    theta = torch.cat(
+        [
+            torch.cat([params[f"{n}.weight"], params[f"{n}.bias"][:, None]], 1).flatten()
+            for n in names
+        ]
+    )
+    want = torch.autograd.functional.hessian(loss, theta)
+    got = torch.cat([factors["layers"][n]["rows"] for n in names])
+    torch.testing.assert_close(got, want)
+    assert want[:56, 56:].abs().max() > 1e-3  # cross-layer blocks are there
+    # one Cholesky factor over all layers; an indefinite Hessian needs a larger damping
+    lowest = torch.linalg.eigvalsh(want)[0].item()
+    assert lowest < 0
+    with pytest.raises(ValueError, match="pass a larger damping"):
+        lf.preconditioner(factors, damping=-lowest / 2)
+    pre = lf.preconditioner(factors, damping=-lowest + 0.1)
+    g = {n: torch.randn(2, *shapes[n], dtype=torch.float64) for n in names}
+    solved = torch.cat([pre(g)[n].reshape(2, -1) for n in names], 1)
+    flat = torch.cat([g[n].reshape(2, -1) for n in names], 1)
+    shifted = want + (-lowest + 0.1) * torch.eye(len(want), dtype=torch.float64)
+    torch.testing.assert_close(solved, torch.linalg.solve(shifted, flat.T).T)
