@@ -24,7 +24,9 @@ built column by column from Hessian-vector products (forward over reverse, chunk
 ``--chunk`` basis vectors). Each λ costs one Cholesky factorisation (of ``[N·C]²`` or
 ``[d]²``), cheaper here than one eigendecomposition of a 26k-wide matrix on a CPU.
 ``--members K`` (K > 1) then scores the ensemble of the stored full-data models ``0 .. K−1``
-(mean of their scores) with the all-layer GGN at the best λ of model 0, one matrix per model.
+(mean of their scores) with the all-layer GGN (``--ensemble-curvature hessian``: the all-layer
+Hessian) at the best λ of model 0, one matrix per model; ``--scores-dir`` keeps each member's
+scores there and reads them back when present, so a long run resumes where it stopped.
 Wall time of each step is printed.
 """
 
@@ -151,6 +153,17 @@ def dense_scores(
     return out
 
 
+def cholesky_scores(m: Float[Tensor, "d d"], lam: float, g_te: Tensor, g_tr: Tensor) -> Tensor:
+    """``g_te (M + λI)⁻¹ g_trᵀ``, factoring ``M`` in place with torch (SciPy's OpenBLAS
+    Cholesky crashed on the 26k-wide Hessian here)."""
+    m.diagonal().add_(lam)
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(m, out=(m, info))
+    if info.item() != 0:
+        raise ValueError(f"M + {lam:g} I is not positive definite")
+    return g_te @ torch.cholesky_solve(g_tr.T, m.tril_())
+
+
 def gram_scores(
     u: Float[Tensor, "r d"], base: float, g_te: Tensor, g_tr: Tensor, dampings
 ) -> dict[float, Tensor]:
@@ -245,6 +258,28 @@ def summed(parts: list[dict[float, Tensor | None]]) -> dict[float, Tensor | None
     return out
 
 
+def member_scores(member: Problem, k: int, args, lam: float, known: dict, split) -> Tensor:
+    """Member ``k``'s all-layer scores at ``λ``: ``known[λ]`` if given, else read from
+    ``--scores-dir`` if saved there, else computed (and saved there)."""
+    if lam in known and args.ensemble_curvature == "ggn":
+        return known[lam]
+    path = None
+    if args.scores_dir is not None:
+        path = Path(args.scores_dir) / f"member{k}-{args.ensemble_curvature}-{lam:g}.npy"
+        if path.exists():
+            return torch.from_numpy(np.load(path))
+    g_tr = member.grads(split.train_x, split.train_y)
+    g_te = member.grads(split.test_x, split.test_y)
+    if args.ensemble_curvature == "ggn":
+        scores = ggn_scores(member.ggn_rows(), member.wd, g_te, g_tr, [lam])[lam]
+    else:
+        scores = cholesky_scores(member.hessian(args.chunk), lam, g_te, g_tr)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, scores.numpy())
+    return scores
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="tests/data/lds_deep_mlp.npz")
@@ -263,6 +298,10 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="a .npy the Hessian is saved to once built and read back from when present",
     )
+    parser.add_argument(
+        "--ensemble-curvature", choices=("ggn", "hessian"), default="ggn", help="members' matrix"
+    )
+    parser.add_argument("--scores-dir", default=None, help="each member's scores, kept")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -320,19 +359,14 @@ def main(argv: list[str] | None = None) -> None:
             best = max(lds_ggn, key=lds_ggn.get) if lds_ggn else args.dampings[0]
         total = None
         for k, member in enumerate(problems):
-            if k == 0 and best in ggn:
-                scores = ggn[best]
-            else:
-                mg_tr = member.grads(split.train_x, split.train_y)
-                mg_te = member.grads(split.test_x, split.test_y)
-                scores = ggn_scores(member.ggn_rows(), wd, mg_te, mg_tr, [best])[best]
+            scores = member_scores(member, k, args, best, ggn if k == 0 else {}, split)
             total = scores if total is None else total + scores
             print(
-                f"  member {k}: GGN all layers λ={best:g} LDS {gt.lds(scores):.3f}, "
-                f"mean of {k + 1}: {gt.lds(total / (k + 1)):.3f}",
+                f"  member {k}: {args.ensemble_curvature} all layers λ={best:g} LDS "
+                f"{gt.lds(scores):.3f}, mean of {k + 1}: {gt.lds(total / (k + 1)):.3f}",
                 flush=True,
             )
-        step(f"ensemble of {args.members}, GGN all layers")
+        step(f"ensemble of {args.members}, {args.ensemble_curvature} all layers")
     if "hessian" not in args.curvatures and "hessian-layers" not in args.curvatures:
         return
     path = args.hessian_file

@@ -4,9 +4,11 @@
 
 Members: the full-data MLPs of seeds ``0 .. members-1`` (see ``benchmarks/lds_data.py``), each
 with its own projection (``lf.logra(model_k, rank, seed=k)``), rows, curvature
-(``fit_curvature(method, fisher="exact")``, default damping) and query rows; the ensemble is the
-mean of their scores (TRAK). Each member's preconditioner is applied to its query rows up
-front, so that only rows are held across members.
+(``fit_curvature(method, fisher="exact")``, default damping; ``--methods exact_hessian``: the
+exact Hessian of the mean loss over all layers, ``lf.exact_curvature(kind="hessian",
+joint=True)``, which needs ``--damping`` above its most negative eigenvalue) and query rows;
+the ensemble is the mean of their scores (TRAK). Each member's preconditioner is applied to
+its query rows up front, so that only rows are held across members.
 
 Printed per curvature and projection: each member's own LDS, their mean, and the LDS of the
 ensemble of the first 1, 2, …, ``members`` members; then two diagnostics of the full
@@ -54,9 +56,14 @@ def main(argv: list[str] | None = None) -> None:
             for k, params in enumerate(gt.params):
                 spec = lf.logra(model, rank=None if rank == "full" else int(rank), seed=k)
                 train = lf.projected_grads(model, params, (x, y), spec)
-                factors = fit_curvature(
-                    model, params, loader, spec, method=method, fisher="exact", progress=False
-                )
+                if method == "exact_hessian":  # all layers, cross-layer blocks included
+                    factors = lf.exact_curvature(
+                        model, params, loader, spec, kind="hessian", joint=True, dtype=x.dtype
+                    )
+                else:
+                    factors = fit_curvature(
+                        model, params, loader, spec, method=method, fisher="exact", progress=False
+                    )
                 # P_k applied to the queries once (k(q, t) = ⟨P_k g_q, g_t⟩): the members then
                 # hold no factors, which for full-gradient GGNs are gigabytes each
                 query = lf.preconditioner(factors, args.damping)(
