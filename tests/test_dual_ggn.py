@@ -35,8 +35,9 @@ def test_dual_ggn_solves_the_dense_ggn_of_all_layers(rank):
     rows = []
     for n in names:
         f = factors["layers"][n]
-        assert f["row_acts"].shape[0] == f["row_backs"].shape[0] == 120
-        rows.append((f["row_backs"][:, :, None] * f["row_acts"][:, None, :]).flatten(1))
+        assert f["row_acts"].shape[0] == 40 and f["row_backs"].shape[:2] == (40, 3)
+        outer = f["row_backs"][:, :, :, None] * f["row_acts"][:, None, None, :]
+        rows.append(outer.flatten(2).flatten(0, 1))
     phi = torch.cat(rows, 1).double()
     torch.testing.assert_close(phi.T @ phi, want, rtol=1e-5, atol=1e-7)
 

@@ -4,15 +4,16 @@ With ``φ_r = g_r / √N`` the projected gradients of the label draws (``r`` ove
 samples × ``D`` draws of :func:`~logix_func.fisher_logs`, whose exact-Fisher weights are
 folded in), the GGN of all layers together is ``G = Σ_r φ_r φ_rᵀ = ΦᵀΦ`` ``[K, K]`` — the
 matrix of :func:`~logix_func.curvature.joint_ggn`. Keeping ``Φ`` instead of ``G`` costs
-``R·(k_in + k_out)`` floats per one-token layer (``φ_r = b_r a_rᵀ``: its activation and
-backprop) or ``R·k_out·k_in`` otherwise, against ``K²``: the form for full gradients of wide layers,
-where ``R = N·D`` is far below ``K``. The preconditioner solves it by the Woodbury identity in
-the ``R × R`` sample space (:class:`~logix_func.curvature.DualInverse`)::
+``N·k_in + R·k_out`` floats per one-token layer (``φ_nd = b_nd a_nᵀ``: the sample's
+activation and each draw's backprop) or ``R·k_out·k_in`` otherwise, against ``K²``: the
+form for full gradients of wide layers, where ``R = N·D`` is far below ``K``. The
+preconditioner solves it by the Woodbury identity in the ``R × R`` sample space
+(:class:`~logix_func.curvature.DualInverse`)::
 
     (ΦᵀΦ + Λ)⁻¹ g = Λ⁻¹ (g − Φᵀ S⁻¹ Φ Λ⁻¹ g),   S = I + Φ Λ⁻¹ Φᵀ = I + Σ_l K_l / λ_l,
 
 ``Λ`` holding each layer's damping ``λ_l`` on its block, ``K_l = Φ_l Φ_lᵀ`` the layer's
-kernel, ``(A_l A_lᵀ) ∘ (B_l B_lᵀ)`` for one-token rows.
+kernel, ``K[nd, me] = (a_n·a_m)(b_nd·b_me)`` for one-token rows.
 
 Its state grows with the data (rows are appended, not summed): :func:`merge_states`
 concatenates them, and a process group is refused (gather the states instead).
@@ -42,10 +43,11 @@ def dual_ggn(*, dtype: torch.dtype = torch.float32) -> Transform:
     """The GGN of all layers jointly, kept as its rows (the dual form of :func:`joint_ggn`).
 
     * ``init(spec, device=None) -> state``: per layer no rows yet, ``{"row_acts": [0, k_in],
-      "row_backs": [0, k_out], "samples": []}``
+      "row_backs": [0, 0, k_out], "samples": []}``
     * ``update(state, logs) -> state`` with a :class:`CurvatureLogs`: appends the batch's
-      ``B·D`` rows, as activations and backprops where every sample has one token, else as
-      gradients ``"row_grads"`` ``[R, k_out, k_in]`` (earlier rows are expanded to them)
+      ``B·D`` rows, as activations ``[B, k_in]`` and backprops ``[B, D, k_out]`` where every
+      sample has one token, else as gradients ``"row_grads"`` ``[B·D, k_out, k_in]`` (earlier
+      rows are expanded to them)
     * ``finalize(state) -> factors``: the rows scaled by ``1/√N``, so that ``G = Σ_r φ_r φ_rᵀ``;
       :func:`~logix_func.preconditioner` solves all layers at once in sample space.
     """
@@ -55,7 +57,7 @@ def dual_ggn(*, dtype: torch.dtype = torch.float32) -> Transform:
             return torch.zeros(shape, dtype=dtype, device=device)
 
         layers = {
-            name: {"row_acts": empty(0, i), "row_backs": empty(0, o), "samples": empty()}
+            name: {"row_acts": empty(0, i), "row_backs": empty(0, 0, o), "samples": empty()}
             for name, (o, i) in sorted(spec.dims().items())
         }
         return {"spec": spec.tag(), "layers": layers}
@@ -74,16 +76,11 @@ def dual_ggn(*, dtype: torch.dtype = torch.float32) -> Transform:
             check_finite(g, name, "gradients")
             tokens = None if logs is None else token_logs(name, logs[name], g)
             if tokens is not None and tokens[0].shape[1] == 1 and "row_grads" not in acc:
-                acts, backs = tokens
-                draws = backs.shape[1]
-                new = {
-                    "row_acts": acts[:, 0].repeat_interleave(draws, dim=0),
-                    "row_backs": backs[:, :, 0].reshape(-1, k_out),
-                }
+                new = {"row_acts": tokens[0][:, 0], "row_backs": tokens[1][:, :, 0]}
             else:
                 acc = dense_rows(acc)
                 new = {"row_grads": g.reshape(-1, k_out, k_in)}
-            rows = {k: torch.cat([acc[k], v.to(dtype)]) for k, v in new.items()}
+            rows = {k: appended(acc[k], v.to(dtype)) for k, v in new.items()}
             layers[name] = {**rows, "samples": acc["samples"] + g.shape[0]}
         return {"spec": state["spec"], "layers": layers}
 
@@ -101,16 +98,22 @@ def dual_ggn(*, dtype: torch.dtype = torch.float32) -> Transform:
     return Transform(init, update, finalize)
 
 
+def appended(rows: Tensor, new: Tensor) -> Tensor:
+    """``rows`` then ``new`` along the first axis (an empty ``rows`` may differ in its others)."""
+    return torch.cat([rows, new]) if len(rows) else new
+
+
 def row_shape(rows: DualRowState | DualRowFactors) -> tuple[int, int]:
     """``(k_out, k_in)`` of a layer's rows."""
     if "row_grads" in rows:
         return tuple(rows["row_grads"].shape[1:])
-    return rows["row_backs"].shape[1], rows["row_acts"].shape[1]
+    return rows["row_backs"].shape[-1], rows["row_acts"].shape[1]
 
 
 def dense_rows(rows: DualRowState) -> DualRowState:
-    """One-token rows expanded to gradients ``b_r a_rᵀ`` ``[R, k_out, k_in]``."""
+    """One-token rows expanded to gradients ``b_nd a_nᵀ`` ``[N·D, k_out, k_in]``."""
     if "row_grads" in rows:
         return rows
-    grads = rows["row_backs"][:, :, None] * rows["row_acts"][:, None, :]
+    acts, backs = rows["row_acts"], rows["row_backs"]
+    grads = (backs[:, :, :, None] * acts[:, None, None, :]).flatten(0, 1)
     return {"row_grads": grads, "samples": rows["samples"]}

@@ -158,42 +158,49 @@ class JointInverse:
 
 class DualInverse:
     """The joint GGN of several layers in its dual form (rows ``φ_r``,
-    :func:`~logix_func.curvature.dual_ggn`): ``g -> (ΦᵀΦ + Λ)⁻¹ g = Λ⁻¹ (g − Φᵀ S⁻¹ Φ Λ⁻¹ g)`` with
-    ``S = I + Σ_l K_l / λ_l`` ``[R, R]`` and ``K_l = Φ_l Φ_lᵀ``, through one Cholesky factor of
-    ``S`` in float64 (``8 R²`` bytes; ``S ⪰ I``, and the products with the rows are in their
-    own dtype). The same matrix and damping as :class:`JointInverse`, for ``R`` rows instead
-    of ``K`` entries; every ``λ_l`` must be > 0 (``Λ⁻¹``)."""
+    :func:`~logix_func.curvature.dual_ggn`): ``g -> (ΦᵀΦ + Λ)⁻¹ g = Λ⁻¹ (g − Φᵀ S⁻¹ Φ Λ⁻¹ g)``
+    with ``S = I + Σ_l K_l / λ_l`` ``[R, R]`` and ``K_l = Φ_l Φ_lᵀ``, through one Cholesky
+    factor of ``S`` in float64 (``8 R²`` bytes; ``S ⪰ I``, and the products with the rows are
+    in their own dtype). The same matrix and damping as :class:`JointInverse`, for ``R`` rows
+    instead of ``K`` entries; every ``λ_l`` must be > 0 (``Λ⁻¹``). A one-token layer's rows
+    ``b_nd a_nᵀ`` share the sample's activation, so ``Φ_l g`` costs ``b·N·k`` multiply-adds
+    (``N`` samples), not ``b·R·k``."""
 
     def __init__(self, rows: Mapping[str, Mapping[str, Tensor]]):
         self.names = sorted(rows)
         self.rows = {n: dict(rows[n]) for n in self.names}
-        counts = {n: next(iter(r.values())).shape[0] for n, r in self.rows.items()}
+        counts = {n: _row_count(r) for n, r in self.rows.items()}
         if len(set(counts.values())) > 1:
             raise ValueError(
                 f"dual GGN rows of different counts {counts}: pass every layer's factors of "
                 "one dual fit"
             )
+        self.count = counts[self.names[0]]
 
     def mean_eigenvalue(self, name: str) -> float:
         """``trace(G_ll) / k_l = Σ_r ‖φ_rl‖² / k_l``."""
         r = self.rows[name]
         if "row_grads" in r:
-            return (r["row_grads"].square().sum() / r["row_grads"][0].numel()).item()
-        acts, backs = r["row_acts"], r["row_backs"]
-        total = (acts.square().sum(1) * backs.square().sum(1)).sum()
-        return (total / (acts.shape[1] * backs.shape[1])).item()
+            return (r["row_grads"].double().square().sum() / r["row_grads"][0].numel()).item()
+        acts, backs = r["row_acts"].double(), r["row_backs"].double()
+        total = (acts.square().sum(1) * backs.square().sum((1, 2))).sum()
+        return (total / (acts.shape[1] * backs.shape[2])).item()
 
     def add_kernel(self, s: Tensor, name: str, scale: float) -> None:
         """``s += scale · K_l``, ``K_l = Φ_l Φ_lᵀ`` ``[R, R]``, a block of rows at a time."""
         r = {k: v.to(torch.float64) for k, v in self.rows[name].items()}
-        flat = r["row_grads"].flatten(1) if "row_grads" in r else None
-        for block in torch.arange(len(s), device=s.device).split(1024):
-            if flat is not None:
-                part = flat[block] @ flat.T
-            else:
-                acts, backs = r["row_acts"], r["row_backs"]
-                part = (acts[block] @ acts.T).mul_(backs[block] @ backs.T)
-            s[block] += part.mul_(scale)
+        if "row_grads" in r:
+            flat = r["row_grads"].flatten(1)
+            for block in torch.arange(self.count, device=s.device).split(1024):
+                s[block] += (flat[block] @ flat.T).mul_(scale)
+            return
+        acts, backs = r["row_acts"], r["row_backs"]
+        draws = backs.shape[1]
+        flat = backs.flatten(0, 1)  # [R, k_out]
+        for samples in torch.arange(len(acts), device=s.device).split(max(1, 1024 // draws)):
+            block = slice(int(samples[0]) * draws, (int(samples[-1]) + 1) * draws)
+            gram = (acts[samples] @ acts.T).repeat_interleave(draws, 0).repeat_interleave(draws, 1)
+            s[block] += (flat[block] @ flat.T).mul_(gram).mul_(scale)
 
     def factorize(self, damping: Mapping[str, float]) -> None:
         """Lower Cholesky factor of ``S``; ``λ_l`` must be > 0."""
@@ -205,9 +212,8 @@ class DualInverse:
                 "method='joint_ggn', whose Cholesky factor takes λ = 0 where C is definite)"
             )
         self.damping = {n: float(damping[n]) for n in self.names}
-        first = self.rows[self.names[0]]
-        count = next(iter(first.values())).shape[0]
-        s = torch.eye(count, dtype=torch.float64, device=next(iter(first.values())).device)
+        device = next(iter(self.rows[self.names[0]].values())).device
+        s = torch.eye(self.count, dtype=torch.float64, device=device)
         for name in self.names:
             self.add_kernel(s, name, 1.0 / self.damping[name])
         factor, info = torch.linalg.cholesky_ex(s)
@@ -232,32 +238,45 @@ class DualInverse:
         }
 
 
-# entries of the [b, k_out, R] intermediate per chunk of the batch (128 MiB in float32)
+def _row_count(rows: Mapping[str, Tensor]) -> int:
+    """``R``: rows of one layer's dual factors."""
+    if "row_grads" in rows:
+        return rows["row_grads"].shape[0]
+    return rows["row_backs"].shape[0] * rows["row_backs"].shape[1]
+
+
+# entries of the [b, k_out, N] intermediate per chunk of the batch (128 MiB in float32)
 _CHUNK_ENTRIES = 2**25
 
 
-def _chunk(backs: Tensor) -> int:
-    """Batch entries per chunk so that ``[b, k_out, R]`` stays within ``_CHUNK_ENTRIES``."""
-    return max(1, _CHUNK_ENTRIES // max(backs.numel(), 1))
+def _chunk(acts: Tensor, backs: Tensor) -> int:
+    """Batch entries per chunk so that ``[b, k_out, N]`` stays within ``_CHUNK_ENTRIES``."""
+    return max(1, _CHUNK_ENTRIES // max(len(acts) * backs.shape[-1], 1))
 
 
 def _project(rows: Mapping[str, Tensor], g: Tensor) -> Tensor:
-    """``Φ_l g`` ``[b, R]``: ``⟨φ_r, g⟩ = b_rᵀ g a_r`` for ``g`` ``[b, k_out, k_in]``."""
+    """``Φ_l g`` ``[b, R]``: ``⟨φ_nd, g⟩ = b_ndᵀ g a_n`` for ``g`` ``[b, k_out, k_in]``."""
     if "row_grads" in rows:
         return g.flatten(1) @ rows["row_grads"].flatten(1).T
     acts, backs = rows["row_acts"], rows["row_backs"]
-    step = _chunk(backs)
-    return torch.cat([((c @ acts.T) * backs.T).sum(1) for c in g.split(step)])
+    parts = [
+        torch.einsum("bon,ndo->bnd", c @ acts.T, backs).flatten(1)
+        for c in g.split(_chunk(acts, backs))
+    ]
+    return torch.cat(parts)
 
 
 def _expand(rows: Mapping[str, Tensor], w: Tensor) -> Tensor:
-    """``Φ_lᵀ w`` ``[b, k_out, k_in]``: ``Σ_r w_r b_r a_rᵀ`` for ``w`` ``[b, R]``."""
+    """``Φ_lᵀ w`` ``[b, k_out, k_in]``: ``Σ_nd w_nd b_nd a_nᵀ`` for ``w`` ``[b, R]``."""
     if "row_grads" in rows:
         grads = rows["row_grads"]
         return (w @ grads.flatten(1)).reshape(-1, *grads.shape[1:])
     acts, backs = rows["row_acts"], rows["row_backs"]
-    step = _chunk(backs)
-    return torch.cat([(backs.T * c[:, None, :]) @ acts for c in w.split(step)])
+    parts = [
+        torch.einsum("bnd,ndo->bon", c.unflatten(1, backs.shape[:2]), backs) @ acts
+        for c in w.split(_chunk(acts, backs))
+    ]
+    return torch.cat(parts)
 
 
 def layer_inverse(name: str, factors: Mapping[str, Tensor]) -> LayerInverse:

@@ -30,8 +30,8 @@ def _check_same(a: Any, b: Any, path: str) -> None:
 
 
 def _shape(t: Tensor, path: str) -> tuple[int, ...]:
-    """The shape two states must share: a dual GGN's rows (``row_*``) only past their count."""
-    return tuple(t.shape[1:]) if path.rsplit(".", 1)[-1].startswith("row_") else tuple(t.shape)
+    """The shape two states must share: a dual GGN's rows (``row_*``) only their width."""
+    return tuple(t.shape[-1:]) if path.rsplit(".", 1)[-1].startswith("row_") else tuple(t.shape)
 
 
 def merge_states(*states: State[Any]) -> State[Any]:
@@ -55,7 +55,7 @@ def merge_states(*states: State[Any]) -> State[Any]:
         if isinstance(leaves[0], Mapping):
             return {k: add(k, *(leaf[k] for leaf in leaves)) for k in leaves[0]}
         if key.startswith("row_"):  # a dual GGN's rows: appended, not summed
-            return torch.cat(leaves)
+            return torch.cat([leaf for leaf in leaves if len(leaf)] or leaves[:1])
         return sum(leaves[1:], leaves[0])
 
     merged = {k: add(k, *(s[k] for s in states)) for k in first if k != "spec"}

@@ -178,23 +178,23 @@ class JointRowFactors(TypedDict):
 
 
 class DualRowState(TypedDict):
-    """The dual GGN's: the rows so far, ``row_acts`` ``[R, k_in]`` and ``row_backs``
-    ``[R, k_out]`` (one token per sample) or ``row_grads`` ``[R, k_out, k_in]``, and the
-    sample count."""
+    """The dual GGN's: the rows so far, ``row_acts`` ``[N, k_in]`` and ``row_backs``
+    ``[N, D, k_out]`` (one token per sample) or ``row_grads`` ``[R, k_out, k_in]``
+    (``R = N·D``), and the sample count."""
 
-    row_acts: NotRequired[Float[Tensor, "R k_in"]]
-    row_backs: NotRequired[Float[Tensor, "R k_out"]]
+    row_acts: NotRequired[Float[Tensor, "N k_in"]]
+    row_backs: NotRequired[Float[Tensor, "N D k_out"]]
     row_grads: NotRequired[Float[Tensor, "R k_out k_in"]]
     samples: Float[Tensor, ""]
 
 
 class DualRowFactors(TypedDict):
     """The dual GGN: this layer's rows scaled by ``1/√N`` (``G_ll = Σ_r φ_r φ_rᵀ``), as
-    ``row_acts`` ``[R, k_in]`` and ``row_backs`` ``[R, k_out]`` or as ``row_grads``
-    ``[R, k_out, k_in]``; row ``r`` is the same draw in every layer."""
+    ``row_acts`` ``[N, k_in]`` and ``row_backs`` ``[N, D, k_out]`` (``φ_nd = b_nd a_nᵀ``) or as
+    ``row_grads`` ``[R, k_out, k_in]``, rows in (sample, draw) order in every layer."""
 
-    row_acts: NotRequired[Float[Tensor, "R k_in"]]
-    row_backs: NotRequired[Float[Tensor, "R k_out"]]
+    row_acts: NotRequired[Float[Tensor, "N k_in"]]
+    row_backs: NotRequired[Float[Tensor, "N D k_out"]]
     row_grads: NotRequired[Float[Tensor, "R k_out k_in"]]
 
 
