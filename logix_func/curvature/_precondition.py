@@ -216,10 +216,11 @@ class DualInverse:
         s = torch.eye(self.count, dtype=torch.float64, device=device)
         for name in self.names:
             self.add_kernel(s, name, 1.0 / self.damping[name])
-        factor, info = torch.linalg.cholesky_ex(s)
+        info = torch.empty((), dtype=torch.int32, device=device)
+        torch.linalg.cholesky_ex(s, out=(s, info))  # in place: one R × R matrix at a time
         if info.item() != 0:
             raise ValueError(f"layers {self.names}: the dual GGN's I + ΦΛ⁻¹Φᵀ is not definite")
-        self.cholesky = factor
+        self.cholesky = s.tril_()
 
     def __call__(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``(ΦᵀΦ + Λ)⁻¹`` applied to the member layers' ``[*batch, k_out, k_in]``."""
