@@ -6,11 +6,11 @@ Attribution on the seed-0 model of `benchmarks.ground_truth.lds_deep_mlp` (float
 497 test points against its 1300 training examples, with public pieces only: ``lf.logra``
 (full gradients or LoGra rank 64), ``lf.projected_grads``, ``fit_curvature`` with no options
 (``method="auto"``, ``fisher="auto"``: the exact expectation over the 10 labels, so the dense
-per-layer GGN where k ≤ 4096 and EKFAC for the larger layers) unless a row says otherwise,
-``lf.preconditioner(factors)`` (default damping: 0.1 × each layer's mean eigenvalue) and
-``lf.influence``. Rows with sampled labels report the mean ± sd over seeds 0, 1, 2. The
-LDS is against the 5-seed mean test loss of 256 half-subset retrainings; the split-half noise
-ceiling is printed first.
+per-layer GGN when every k ≤ 4096, else the dual GGN of all layers for its 1300 × 10 rows)
+unless a row says otherwise, ``lf.preconditioner(factors)`` (default damping: 0.1 × each
+layer's mean eigenvalue, 1 × for the all-layer GGN) and ``lf.influence``. Rows with sampled
+labels report the mean ± sd over seeds 0, 1, 2. The LDS is against the 5-seed mean test loss
+of 256 half-subset retrainings; the split-half noise ceiling is printed first.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from logix_func.demo import digits
 from logix_func.pipeline import fit_curvature
 
 ROWS = [  # label, fit_curvature options, seeds
-    ("default (auto: GGN where k <= 4096, else EKFAC)", {}, (0,)),
+    ("default (auto: per-layer GGN if all k <= 4096, else dual GGN)", {}, (0,)),
     ("EKFAC, auto = exact Fisher", {"method": "ekfac"}, (0,)),
     ("EKFAC, one sampled label", {"method": "ekfac", "fisher": "true"}, (0, 1, 2)),
     ("EKFAC, empirical Fisher", {"method": "ekfac", "fisher": "empirical"}, (0,)),
