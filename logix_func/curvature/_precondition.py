@@ -134,15 +134,13 @@ class JointInverse:
         shifted = torch.cat([self.rows[n].to(torch.float64) for n in self.names])
         for name, block in self.blocks.items():
             shifted.diagonal()[block] += damping[name]
-        info = torch.empty((), dtype=torch.int32, device=shifted.device)
-        torch.linalg.cholesky_ex(shifted, out=(shifted, info))  # reads the lower triangle
-        if info.item() != 0:
+        if not cholesky_in_place(shifted):
             raise ValueError(
                 f"layers {self.names}: the joint C + λI is not positive definite with damping "
                 f"{ {n: float(f'{damping[n]:.3g}') for n in self.names} } (C has zero or "
                 "negative eigenvalues): pass a larger damping"
             )
-        self.cholesky = shifted.tril_()
+        self.cholesky = shifted
 
     def __call__(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``(C + diag(λ_l))⁻¹`` applied to the member layers' ``[*batch, k_out, k_in]``."""
@@ -216,11 +214,9 @@ class DualInverse:
         s = torch.eye(self.count, dtype=torch.float64, device=device)
         for name in self.names:
             self.add_kernel(s, name, 1.0 / self.damping[name])
-        info = torch.empty((), dtype=torch.int32, device=device)
-        torch.linalg.cholesky_ex(s, out=(s, info))  # in place: one R × R matrix at a time
-        if info.item() != 0:
+        if not cholesky_in_place(s):
             raise ValueError(f"layers {self.names}: the dual GGN's I + ΦΛ⁻¹Φᵀ is not definite")
-        self.cholesky = s.tril_()
+        self.cholesky = s
 
     def __call__(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``(ΦᵀΦ + Λ)⁻¹`` applied to the member layers' ``[*batch, k_out, k_in]``."""
@@ -278,6 +274,18 @@ def _expand(rows: Mapping[str, Tensor], w: Tensor) -> Tensor:
         for c in w.split(_chunk(acts, backs))
     ]
     return torch.cat(parts)
+
+
+def cholesky_in_place(m: Tensor) -> bool:
+    """Overwrite the symmetric ``m`` with its lower Cholesky factor ``L`` (upper triangle
+    zeroed); ``False`` where it is not positive definite. LAPACK works on column-major data:
+    factoring the transposed view ``mᵀ`` (the same matrix) as ``UᵀU`` writes ``U = Lᵀ`` in place,
+    where a row-major ``m`` would be copied first (another ``8 n²`` bytes)."""
+    info = torch.empty((), dtype=torch.int32, device=m.device)
+    view = m.mT
+    torch.linalg.cholesky_ex(view, upper=True, out=(view, info))
+    m.tril_()
+    return info.item() == 0
 
 
 def layer_inverse(name: str, factors: Mapping[str, Tensor]) -> LayerInverse:
