@@ -147,7 +147,7 @@ class JointInverse:
         batch = grads[self.names[0]].shape[:-2]
         flat = [grads[n].reshape(*batch, -1).to(torch.float64) for n in self.names]
         joint = torch.cat(flat, dim=-1).reshape(-1, self.cholesky.shape[0])
-        solved = torch.cholesky_solve(joint.T, self.cholesky).T.reshape(*batch, -1)
+        solved = solve_in_place(self.cholesky, joint.T).T.reshape(*batch, -1)
         return {
             n: solved[..., self.blocks[n]].reshape(grads[n].shape).to(grads[n].dtype)
             for n in self.names
@@ -226,7 +226,7 @@ class DualInverse:
             for n in self.names
         }
         u = sum(_project(self.rows[n], scaled[n]) for n in self.names)  # Φ Λ⁻¹ g  [b, R]
-        w = torch.cholesky_solve(u.T.to(torch.float64), self.cholesky).T.to(dtype)
+        w = solve_in_place(self.cholesky, u.T.to(torch.float64)).T.to(dtype)
         return {
             n: (scaled[n] - _expand(self.rows[n], w) / self.damping[n])
             .reshape(grads[n].shape)
@@ -286,6 +286,13 @@ def cholesky_in_place(m: Tensor) -> bool:
     torch.linalg.cholesky_ex(view, upper=True, out=(view, info))
     m.tril_()
     return info.item() == 0
+
+
+def solve_in_place(factor: Tensor, rhs: Tensor) -> Tensor:
+    """``(L Lᵀ)⁻¹ rhs`` for a lower factor ``L`` (:func:`cholesky_in_place`) by two triangular
+    solves, which read ``L`` where it is (``cholesky_solve`` copies an ``n × n`` factor)."""
+    half = torch.linalg.solve_triangular(factor, rhs, upper=False)
+    return torch.linalg.solve_triangular(factor.mT, half, upper=True)
 
 
 def layer_inverse(name: str, factors: Mapping[str, Tensor]) -> LayerInverse:
