@@ -201,7 +201,8 @@ def all_reduce_state(state: Mapping[str, Any], group: Group) -> dict[str, Any]:
     """Sum of a curvature state (``kfac``/``ekfac``/``raw``) over the ranks of ``group``.
 
     Every tensor except the ``spec`` tag is summed (one all-reduce per dtype), so finalizing
-    the result gives the factors of a single process that saw every rank's data. The ranks
+    the result gives the factors of a single process that saw every rank's data; a dual GGN's
+    rows are gathered instead (concatenated in rank order). The ranks
     must hold states of the same spec and layers (else ``ValueError`` on every rank).
     A running statistic's state (moments about its mean) is merged by
     :func:`~logix_func._stats.all_reduce_stat`: sums about the common mean.
@@ -211,10 +212,7 @@ def all_reduce_state(state: Mapping[str, Any], group: Group) -> dict[str, Any]:
     if "spec" not in state and is_stat_state(state):
         return all_reduce_stat(state, group)
     if any(k.startswith("row_") for layer in state["layers"].values() for k in layer):
-        raise ValueError(
-            "cannot all-reduce a dual GGN's state: its rows are appended, not summed; gather "
-            "the ranks' states and merge_states them, or fit it in one process"
-        )
+        return _gather_rows(state, group)
     import torch.distributed as dist
 
     leaves = _tensors(state)
@@ -229,6 +227,45 @@ def all_reduce_state(state: Mapping[str, Any], group: Group) -> dict[str, Any]:
         )
     summed = _collective(leaves, group, lambda t, g: dist.all_reduce(t, group=g))
     return _rebuild(state, iter(summed))
+
+
+def _gather_rows(state: Mapping[str, Any], group: Group) -> dict[str, Any]:
+    """A dual GGN's state (:func:`~logix_func.curvature.dual_ggn`) over the ranks: each
+    layer's rows (``row_*``) concatenated in rank order, its sample count summed. The rows'
+    order does not change ``ΦᵀΦ``, so the factors are those of one process."""
+    import torch.distributed as dist
+
+    layers = state["layers"]
+    # per layer and row key: (count, shape of one row); checked alike before any tensor moves
+    layout = {
+        (name, key): (t.shape[0], tuple(t.shape[1:]))
+        for name in sorted(layers)
+        for key, t in sorted(layers[name].items())
+        if key.startswith("row_")
+    }
+    seen: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(seen, (int(state["spec"]), sorted(layout), layout), group=group)
+    if any((s[0], s[1]) != (int(state["spec"]), sorted(layout)) for s in seen):
+        raise ValueError(
+            "cannot gather dual GGN states: the ranks built them for different projection specs "
+            "or layers, or kept their rows in different forms (gradients on one rank, "
+            "activations and backprops on another)"
+        )
+    out = {name: dict(layer) for name, layer in layers.items()}
+    for (name, key), (count, _) in layout.items():
+        counts = [s[2][(name, key)][0] for s in seen]
+        row = max((s[2][(name, key)] for s in seen), key=lambda c: c[0])[1]  # a filled rank's
+        t = out[name][key]
+        padded = t.new_zeros(max(counts), *row)
+        padded[:count] = t.reshape(count, *row)
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.to(_device(group, t)), group=group)
+        out[name][key] = torch.cat([p[:c].to(t.device) for p, c in zip(parts, counts, strict=True)])
+    samples = [out[n]["samples"] for n in sorted(out)]
+    summed = _collective(samples, group, lambda t, g: dist.all_reduce(t, group=g))
+    for name, total in zip(sorted(out), summed, strict=True):
+        out[name]["samples"] = total
+    return {**state, "layers": out}
 
 
 def broadcast_state(state: Mapping[str, Any], group: Group) -> dict[str, Any]:

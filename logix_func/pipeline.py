@@ -325,15 +325,15 @@ def fit_curvature(
     (:func:`~logix_func.curvature.joint_ggn`: ``K²`` floats for ``K = Σ_l k_l``, one pass),
     solved jointly by the preconditioner. ``"dual_ggn"``: that matrix kept as its rows, the
     Fisher draws' gradients (:func:`~logix_func.curvature.dual_ggn`: ``R = N·D`` rows, solved
-    in the ``R × R`` sample space), for full gradients of wide layers; one process only.
-    ``"auto"`` (the default): where the Fisher is the exact expectation over the labels
-    (``fisher="exact"``, or ``"auto"`` resolving to it on the loader's first batch:
-    ``(inputs, targets)`` batches, the default loss, few classes), the per-layer GGN (``"ggn"``)
-    when every layer has ``k ≤ AUTO_GGN_MAX`` (4096: ``C`` ≤ 64 MiB) within
-    ``AUTO_GGN_BUDGET`` (1 GiB for all ``C``); else, without a ``group``, the dual GGN of all
-    layers when its rows, at most ``len(loader)`` × the first batch's size × classes, number at
-    most ``AUTO_DUAL_ROWS`` (16384: a 2 GiB factor); else the GGN for the layers that fit,
-    smallest first, and EKFAC for the others, whose second pass also accumulates the GGN layers.
+    in the ``R × R`` sample space), for full gradients of wide layers; with a ``group`` the
+    ranks' rows are gathered. ``"auto"`` (the default): where the Fisher is the exact
+    expectation over the labels (``fisher="exact"``, or ``"auto"`` resolving to it on the
+    loader's first batch: ``(inputs, targets)`` batches, the default loss, few classes), the
+    per-layer GGN (``"ggn"``) when every layer has ``k ≤ AUTO_GGN_MAX`` (4096: ``C`` ≤ 64 MiB)
+    within ``AUTO_GGN_BUDGET`` (1 GiB for all ``C``); else the dual GGN of all layers when its
+    rows, at most ``len(loader)`` × the first batch's size × classes, number at most
+    ``AUTO_DUAL_ROWS`` (16384: a 2 GiB factor); else the GGN for the layers that fit, smallest
+    first, and EKFAC for the others, whose second pass also accumulates the GGN layers.
     Elsewhere (sampled labels: language models, many classes, a ``label_sampler``; the
     empirical Fisher) it is exactly ``"ekfac"``. On the tuning set the GGN beats EKFAC (LDS 0.81
     vs 0.69, docs/validation.md).
@@ -385,14 +385,9 @@ def fit_curvature(
         if first is not None:
             options = dict(loss_fn=loss_fn, label_sampler=label_sampler)
             resolved = resolved_fisher(model, params, first, fisher, **options)
-            if resolved == "exact" and group is None and hasattr(loader, "__len__"):
+            if resolved == "exact" and hasattr(loader, "__len__"):
                 size = ModelBatch.from_batch(first).size
                 rows = len(loader) * size * exact_draws(model, params, first)
-    if method == "dual_ggn" and group is not None:
-        raise ValueError(
-            "method='dual_ggn' keeps every sample's rows, which a process group cannot sum: fit "
-            "it in one process (or gather the ranks' states and merge_states them)"
-        )
     stages = curvature_stages(spec, method, resolved, rows)
 
     def passes(desc: str, offset: int) -> Iterator[CurvatureLogs]:

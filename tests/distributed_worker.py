@@ -63,6 +63,10 @@ def main(folder: str) -> None:
         "raw": lf.fit_curvature(
             model, params, list(loader), spec, method="raw", progress=False, group=group
         ),
+        # rows gathered from the ranks, not summed
+        "dual_ggn": lf.fit_curvature(
+            model, params, loader, spec, method="dual_ggn", progress=False, group=group
+        ),
     }
 
     reader = lf.LogStore.open(url)
@@ -85,6 +89,12 @@ def main(folder: str) -> None:
         lf.distributed.all_reduce_state(mismatched, group)
     except ValueError as e:
         errors["specs"] = str(e)
+    dual = lf.curvature.dual_ggn()
+    dual_state = dual.init(lf.logra(model, rank=4 + rank, seed=0))
+    try:
+        lf.distributed.all_reduce_state(dual_state, group)
+    except ValueError as e:
+        errors["dual specs"] = str(e)
     shuffled = DataLoader(  # shuffling seeded per rank: the ranks draw different batches
         loader.dataset,
         batch_size=loader.batch_size,

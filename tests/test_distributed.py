@@ -65,10 +65,19 @@ def single_process(folder: Path, setup: dict, model, spec) -> dict:
     factors = {
         "ekfac": lf.fit_curvature(model, params, loader, spec, progress=False),
         "raw": lf.fit_curvature(model, params, loader, spec, method="raw", progress=False),
+        "dual_ggn": lf.fit_curvature(
+            model, params, loader, spec, method="dual_ggn", progress=False
+        ),
     }
     query = lf.projected_grads(model, params, (setup["qx"], setup["qy"]), spec)
     scores = lf.influence(query, store, preconditioner=lf.preconditioner(factors["ekfac"], 1e-3))
-    return {"store": store, "factors": factors, "scores": scores, "ids": store.ids()}
+    return {
+        "store": store,
+        "factors": factors,
+        "scores": scores,
+        "ids": store.ids(),
+        "query": query,
+    }
 
 
 def assert_same_factors(got: dict, want: dict) -> None:
@@ -116,6 +125,14 @@ def test_two_ranks_equal_one_process_and_resume_after_a_kill(problem):
         assert result["ddp_forwards"] == 0  # per-sample passes never called the DDP wrapper
         assert_same_factors(result["factors"]["ekfac"], ref["factors"]["ekfac"])
         assert_same_factors(result["factors"]["raw"], ref["factors"]["raw"])
+        # the dual GGN's rows come in rank order: compare what they solve, not the rows
+        dual, want_dual = result["factors"]["dual_ggn"], ref["factors"]["dual_ggn"]
+        for name, layer in want_dual["layers"].items():
+            for key, value in layer.items():
+                assert dual["layers"][name][key].shape == value.shape
+        got_solved = lf.preconditioner(dual)(ref["query"])
+        for name, value in lf.preconditioner(want_dual)(ref["query"]).items():
+            torch.testing.assert_close(got_solved[name], value, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(result["scores"], ref["scores"][:, order], rtol=1e-4, atol=1e-4)
         for key, largest in (("top", True), ("bottom", False)):
             want_top = lf.top_k(ref["scores"], 5, ids=ref["ids"], largest=largest)
@@ -130,6 +147,7 @@ def test_two_ranks_equal_one_process_and_resume_after_a_kill(problem):
             assert torch.equal(result["fsdp_params"][name], value)
         assert "fully_shard" in result["fsdp_error"] and "full_params" in result["fsdp_error"]
         assert "different projection specs" in result["errors"]["specs"]
+        assert "different projection specs" in result["errors"]["dual specs"]
         assert "different batches" in result["errors"]["batches"]
 
 

@@ -16,7 +16,8 @@ preconditioner solves it by the Woodbury identity in the ``R × R`` sample space
 kernel, ``K[nd, me] = (a_n·a_m)(b_nd·b_me)`` for one-token rows.
 
 Its state grows with the data (rows are appended, not summed): :func:`merge_states`
-concatenates them, and a process group is refused (gather the states instead).
+concatenates them, and :func:`~logix_func.distributed.all_reduce_state` gathers them from the
+ranks.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ class AttributionArguments:
             models get EKFAC), ``"ekfac"``, ``"kfac"``, ``"raw"`` (full covariance of each
             layer's projected gradient), ``"ggn"`` (the exact per-layer GGN in the projected
             space), ``"joint_ggn"`` (the GGN of all layers together, cross-layer blocks
-            included), ``"dual_ggn"`` (the same, kept as its samples' rows; one process) or
+            included), ``"dual_ggn"`` (the same, kept as its samples' rows) or
             ``"none"`` (plain gradient dot products); see
             :func:`~logix_func.fit_curvature`.
         fisher: ``"auto"`` (exact where cheap, else sampled), ``"true"`` (sampled labels),
