@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ._batch import ModelBatch
 from ._influence import TopK
 from ._stats import all_reduce_stat, is_stat_state
+from .curvature._dual import is_rows
 from .store import LogStore
 
 Group = Any  # a torch.distributed ProcessGroup, or None for this process alone
@@ -211,7 +212,7 @@ def all_reduce_state(state: Mapping[str, Any], group: Group) -> dict[str, Any]:
         return dict(state)
     if "spec" not in state and is_stat_state(state):
         return all_reduce_stat(state, group)
-    if any(k.startswith("row_") for layer in state["layers"].values() for k in layer):
+    if any(is_rows(k) for layer in state["layers"].values() for k in layer):
         return _gather_rows(state, group)
     import torch.distributed as dist
 
@@ -241,7 +242,7 @@ def _gather_rows(state: Mapping[str, Any], group: Group) -> dict[str, Any]:
         (name, key): (t.shape[0], tuple(t.shape[1:]))
         for name in sorted(layers)
         for key, t in sorted(layers[name].items())
-        if key.startswith("row_")
+        if is_rows(key)
     }
     seen: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(seen, (int(state["spec"]), sorted(layout), layout), group=group)

@@ -99,6 +99,15 @@ def dual_ggn(*, dtype: torch.dtype = torch.float32) -> Transform:
     return Transform(init, update, finalize)
 
 
+ROW_KEYS = ("row_acts", "row_backs", "row_grads")
+
+
+def is_rows(key: str) -> bool:
+    """Whether a state or factor entry holds a dual GGN's rows (appended and gathered, not
+    summed)."""
+    return key in ROW_KEYS
+
+
 def appended(rows: Tensor, new: Tensor) -> Tensor:
     """``rows`` then ``new`` along the first axis (an empty ``rows`` may differ in its others)."""
     return torch.cat([rows, new]) if len(rows) else new

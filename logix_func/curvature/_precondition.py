@@ -11,10 +11,9 @@ from torch import Tensor
 
 from .._origin import factors_provenance
 from ..typing import ProjectedGrads
+from ._dual import is_rows
 from ._joint import JOINT_DAMPING, joint_layout
 from .transform import CurvatureFactors, check_layers
-
-_DUAL_KEYS = {"row_acts", "row_backs", "row_grads"}
 
 
 class LayerInverse(ABC):
@@ -338,7 +337,7 @@ class Preconditioner:
         self.layers = factors["layers"]
         self.provenance = factors_provenance(factors)
         rows = {n: f["rows"] for n, f in self.layers.items() if "rows" in f}
-        dual = {n: f for n, f in self.layers.items() if _DUAL_KEYS & f.keys()}
+        dual = {n: f for n, f in self.layers.items() if any(is_rows(k) for k in f)}
         if rows and dual:
             raise ValueError(
                 f"factors mix joint GGN rows {sorted(rows)} and dual GGN rows {sorted(dual)}: "

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ._dual import is_rows
 from .transform import CurvatureFactors, State
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ def _check_same(a: Any, b: Any, path: str) -> None:
 
 def _shape(t: Tensor, path: str) -> tuple[int, ...]:
     """The shape two states must share: a dual GGN's rows (``row_*``) only their width."""
-    return tuple(t.shape[-1:]) if path.rsplit(".", 1)[-1].startswith("row_") else tuple(t.shape)
+    return tuple(t.shape[-1:]) if is_rows(path.rsplit(".", 1)[-1]) else tuple(t.shape)
 
 
 def merge_states(*states: State[Any]) -> State[Any]:
@@ -54,7 +55,7 @@ def merge_states(*states: State[Any]) -> State[Any]:
     def add(key: str, *leaves: Any) -> Any:
         if isinstance(leaves[0], Mapping):
             return {k: add(k, *(leaf[k] for leaf in leaves)) for k in leaves[0]}
-        if key.startswith("row_"):  # a dual GGN's rows: appended, not summed
+        if is_rows(key):  # a dual GGN's rows: appended, not summed
             return torch.cat([leaf for leaf in leaves if len(leaf)] or leaves[:1])
         return sum(leaves[1:], leaves[0])
 
