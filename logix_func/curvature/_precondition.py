@@ -90,13 +90,12 @@ class CholeskyInverse(LayerInverse):
         """Lower Cholesky factor of ``C + λI`` in float64; a clear error where it is not PD."""
         shifted = self.factors["C"].to(torch.float64, copy=True)
         shifted.diagonal().add_(damping)
-        factor, info = torch.linalg.cholesky_ex(shifted)
-        if info.item() != 0:
+        if not cholesky_in_place(shifted):
             raise ValueError(
                 f"layer {self.name!r}: C + λI is not positive definite with damping "
                 f"{damping:.3g} (C has zero or negative eigenvalues): pass a larger damping"
             )
-        self.cholesky = factor
+        self.cholesky = shifted
 
     def check(self, damping: float) -> None:
         """Done by :meth:`factorize`."""
@@ -104,7 +103,7 @@ class CholeskyInverse(LayerInverse):
     def __call__(self, g: Tensor, damping: float) -> Tensor:
         factor = self.cholesky
         flat = g.reshape(-1, factor.shape[0]).to(factor.dtype)
-        return torch.cholesky_solve(flat.T, factor).T.reshape(g.shape).to(g.dtype)
+        return solve_in_place(factor, flat.T).T.reshape(g.shape).to(g.dtype)
 
 
 class JointInverse:
