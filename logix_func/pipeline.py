@@ -358,21 +358,11 @@ def fit_curvature(
 
     ``cache`` (a folder, URL or kvstore spec): factors saved there by an earlier call are
     loaded instead of refitted when the weights fingerprint, spec, loss name, method, Fisher,
-    seed, label sampler's name and the data (a hash of every batch, one pass without the
-    model) all match; else they are fitted and saved beside the others (see
-    :mod:`logix_func._cache`).
+    seed, label sampler's name, the data (a hash of every batch, one pass without the
+    model) and, for ``"auto"``, the method and GGN layers it resolves to all match; else they
+    are fitted and saved beside the others (see :mod:`logix_func._cache`).
     """
     model = local_model(model)
-    if cache is not None:
-        options = dict(
-            method=method, fisher=fisher, seed=seed, loss_fn=loss_fn, label_sampler=label_sampler
-        )
-        record = curvature_record(model, params, loader, spec, **options)
-        fit = lambda: fit_curvature(  # noqa: E731
-            model, params, loader, spec, progress=progress, group=group, **options
-        )
-        return cached(cache, f"curvature-{method}", record, fit)
-    device = next(iter(params.values())).device
     resolved, rows = fisher, None
     if method == "auto":  # the GGN only under the exact expectation: resolve it up front
         if iter(loader) is loader:
@@ -388,6 +378,19 @@ def fit_curvature(
             if resolved == "exact" and hasattr(loader, "__len__"):
                 size = ModelBatch.from_batch(first).size
                 rows = len(loader) * size * exact_draws(model, params, first)
+    if cache is not None:
+        options = dict(
+            method=method, fisher=fisher, seed=seed, loss_fn=loss_fn, label_sampler=label_sampler
+        )
+        record = curvature_record(model, params, loader, spec, **options)
+        if method == "auto":  # what the rule chose: a changed rule is another entry
+            chosen, ggn_layers = auto_method(spec, resolved, rows)
+            record["auto"] = {"method": chosen, "ggn_layers": ggn_layers}
+        fit = lambda: fit_curvature(  # noqa: E731
+            model, params, loader, spec, progress=progress, group=group, **options
+        )
+        return cached(cache, f"curvature-{method}", record, fit)
+    device = next(iter(params.values())).device
     stages = curvature_stages(spec, method, resolved, rows)
 
     def passes(desc: str, offset: int) -> Iterator[CurvatureLogs]:
@@ -440,6 +443,23 @@ def auto_ggn_layers(dims: Mapping[str, tuple[int, int]]) -> list[str]:
     return [n for n in dims if n in taken]
 
 
+def auto_method(spec: Spec, fisher: Fisher, rows: int | None) -> tuple[str, list[str]]:
+    """``method="auto"``'s choice: ``(method, ggn_layers)``, the layers fitted as the per-layer
+    GGN alongside EKFAC. Under ``fisher="exact"``: ``("ggn", [])`` when every layer fits
+    (`auto_ggn_layers`), else ``("dual_ggn", [])`` when its ``rows`` (``None``: unknown) number
+    at most ``AUTO_DUAL_ROWS``, else ``("ekfac", the layers that fit)``; otherwise
+    ``("ekfac", [])``."""
+    if fisher != "exact":
+        return "ekfac", []
+    dims = spec.dims()
+    dense = auto_ggn_layers(dims)
+    if len(dense) == len(dims):
+        return "ggn", []
+    if rows is not None and rows <= AUTO_DUAL_ROWS:
+        return "dual_ggn", []
+    return "ekfac", dense
+
+
 def curvature_stages(
     spec: Spec, method: Method, fisher: Fisher, rows: int | None = None
 ) -> list[Stage]:
@@ -451,16 +471,7 @@ def curvature_stages(
     ``samples × classes``; ``None``: unknown) fit, else EKFAC with the GGN layers alongside."""
     dense: list[str] = []
     if method == "auto":
-        dims = spec.dims()
-        dense = auto_ggn_layers(dims) if fisher == "exact" else []
-        if fisher != "exact":
-            method = "ekfac"
-        elif len(dense) == len(dims):
-            method, dense = "ggn", []
-        elif rows is not None and rows <= AUTO_DUAL_ROWS:
-            method, dense = "dual_ggn", []
-        else:
-            method = "ekfac"
+        method, dense = auto_method(spec, fisher, rows)
     if method in ("ggn", "joint_ggn", "dual_ggn") and fisher == "empirical":
         raise ValueError(
             f"method={method!r} needs the model's own label distribution: use fisher='auto' "

@@ -141,6 +141,25 @@ def test_auto_takes_the_dual_ggn_where_a_layer_is_too_wide(monkeypatch):
     assert all(sorted(f) == eigen for f in factors["layers"].values())
 
 
+def test_auto_cache_entries_follow_what_the_rule_chooses(monkeypatch, tmp_path):
+    model, params, x, y = _problem()
+    spec = lf.logra(model, rank=None)
+    loader = [(x[:20], y[:20]), (x[20:], y[20:])]
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(pipeline, "AUTO_GGN_MAX", 30)
+
+    def fitted(max_rows):
+        monkeypatch.setattr(pipeline, "AUTO_DUAL_ROWS", max_rows)
+        factors = lf.fit_curvature(model, params, loader, spec, progress=False, cache=str(cache))
+        return sorted(factors["layers"]["0"])
+
+    assert fitted(120) == ["row_acts", "row_backs"]  # the dual GGN, saved
+    # the same call under another rule: EKFAC is fitted, not the dual GGN's entry found
+    assert fitted(119) == ["A", "QA", "QS", "S", "eigenvalues"]
+    assert fitted(120) == ["row_acts", "row_backs"]  # found again
+    assert len(list(cache.iterdir())) == 2
+
+
 def test_dual_ggn_refusals():
     model, params, x, y = _problem()
     spec = lf.logra(model, rank=None)
