@@ -100,6 +100,12 @@ def dense_corrections(prob: Problem, split, lam: float, g_te: Tensor) -> dict[st
     return {"toggle": toggled, "jensen": jensen}
 
 
+def first_order(prob: Problem, split, lam: float) -> Float[Tensor, "Q N"]:
+    """``center``: ``g_test (G + λI)⁻¹ g_trainᵀ`` at ``prob.theta``."""
+    g_te, g_tr = prob.grads(split.test_x, split.test_y), prob.grads(split.train_x, split.train_y)
+    return ggn_scores(prob.ggn_rows(), prob.wd, g_te, g_tr, [lam])[lam]
+
+
 def half_models(prob: Problem, split, lam: float, samples: int, seed: int) -> Tensor:
     """``halves``: mean scores over Newton half-models (the module docstring)."""
     x, y = split.train_x, split.train_y
@@ -118,14 +124,7 @@ def half_models(prob: Problem, split, lam: float, samples: int, seed: int) -> Te
         moved = Problem(
             prob.model, prob.unflat(prob.theta - ggn_solve(u, mu, gradient)), split, prob.wd
         )
-        scores = ggn_scores(
-            moved.ggn_rows(),
-            prob.wd,
-            moved.grads(split.test_x, split.test_y),
-            moved.grads(x, y),
-            [lam],
-        )[lam]
-        total = total + scores
+        total = total + first_order(moved, split, lam)
     return total / samples
 
 
@@ -200,14 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     for k, params in enumerate(gt.params):
         clock = time.perf_counter()
         prob = Problem(gt.model, params, split, digits.MLP_WEIGHT_DECAY)
-        g_te = prob.grads(split.test_x, split.test_y)
         scores = {}
         if "center" in args.methods:
-            g_tr = prob.grads(split.train_x, split.train_y)
-            scores["center"] = ggn_scores(prob.ggn_rows(), prob.wd, g_te, g_tr, [args.damping])[
-                args.damping
-            ]
+            scores["center"] = first_order(prob, split, args.damping)
         if {"toggle", "jensen"} & set(args.methods):
+            g_te = prob.grads(split.test_x, split.test_y)
             dense = dense_corrections(prob, split, args.damping, g_te)
             scores |= {m: s for m, s in dense.items() if m in args.methods}
         if "halves" in args.methods:
