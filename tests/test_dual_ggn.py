@@ -3,7 +3,7 @@ GGN, and the default's choice of it."""
 
 import pytest
 import torch
-from test_joint_ggn import _dense_ggn, _problem
+from test_joint_ggn import _fitted_and_dense, _problem
 
 import logix_func as lf
 from logix_func import pipeline
@@ -20,17 +20,7 @@ def _solve_dense(want, names, sizes, damping, g):
 
 @pytest.mark.parametrize("rank", [None, 2])
 def test_dual_ggn_solves_the_dense_ggn_of_all_layers(rank):
-    model, params, x, y = _problem()
-    spec = lf.logra(model, rank=rank, seed=3)
-    loader = [(x[:15], y[:15]), (x[15:], y[15:])]
-    factors = lf.fit_curvature(
-        model, params, loader, spec, method="dual_ggn", fisher="exact", progress=False
-    )
-    names = sorted(spec.layers)
-    project = None
-    if rank is not None:
-        project = {n: spec.matrices(n, dtype=torch.float64) for n in names}
-    want = _dense_ggn(model, params, x, names, project)
+    spec, factors, names, want = _fitted_and_dense("dual_ggn", rank)
     # rows: 40 samples × 3 classes, the same draw in every layer; ΦᵀΦ is the dense GGN
     rows = []
     for n in names:

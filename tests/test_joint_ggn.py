@@ -41,19 +41,25 @@ def _dense_ggn(model, params, x, names, project=None):
     return total / len(x)
 
 
-@pytest.mark.parametrize("rank", [None, 2])
-def test_joint_ggn_is_the_dense_ggn_of_all_layers(rank):
+def _fitted_and_dense(method, rank):
+    """``(spec, factors, names, want)``: ``fit_curvature(method=...)`` over two batches of
+    `_problem` (exact Fisher) and the dense GGN ``want`` of its layers in ``names`` order."""
     model, params, x, y = _problem()
     spec = lf.logra(model, rank=rank, seed=3)
     loader = [(x[:15], y[:15]), (x[15:], y[15:])]
     factors = lf.fit_curvature(
-        model, params, loader, spec, method="joint_ggn", fisher="exact", progress=False
+        model, params, loader, spec, method=method, fisher="exact", progress=False
     )
     names = sorted(spec.layers)
     project = None
     if rank is not None:
         project = {n: spec.matrices(n, dtype=torch.float64) for n in names}
-    want = _dense_ggn(model, params, x, names, project)
+    return spec, factors, names, _dense_ggn(model, params, x, names, project)
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_joint_ggn_is_the_dense_ggn_of_all_layers(rank):
+    spec, factors, names, want = _fitted_and_dense("joint_ggn", rank)
     got = torch.cat([factors["layers"][n]["rows"] for n in names]).double()
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
